@@ -1,0 +1,163 @@
+"""In-process memory store: the embedded default, and sticky mode's local cache.
+
+Thread-safe (one lock, held only for dictionary operations). Expiry is
+checked on every read against the injected clock; expired entries are also
+swept a bounded number at a time on writes, so memory never grows with dead
+sessions and no request pays for a full scan. Optionally bounded by entry
+count and total bytes, evicting the least recently used entries.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Callable
+
+from .base import ANY, Record, SaveResult, count_ops
+
+__all__ = ["MemoryStore"]
+
+_SWEEP_BATCH = 16
+
+
+class MemoryStore:
+    """A dictionary of ``key -> (data, version, expires_at)``."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_entries: int | None = None,
+        max_bytes: int | None = None,
+        on_evict: Callable[[str], None] | None = None,
+    ) -> None:
+        self._clock = clock
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._on_evict = on_evict
+        self._entries: OrderedDict[str, tuple[bytes, int, float | None]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._versions = itertools.count(1)
+
+    # -- helpers (lock held) -------------------------------------------------
+
+    def _live(self, key: str, now: float) -> tuple[bytes, int, float | None] | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires = entry[2]
+        if expires is not None and expires <= now:
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= len(entry[0])
+
+    def _expires(self, ttl: int | None, now: float) -> float | None:
+        return None if ttl is None else now + ttl
+
+    def _sweep(self, now: float) -> None:
+        """Drop a bounded number of expired entries from the cold end."""
+        for key in list(itertools.islice(self._entries, _SWEEP_BATCH)):
+            expires = self._entries[key][2]
+            if expires is not None and expires <= now:
+                self._drop(key)
+
+    def _evict(self) -> list[str]:
+        evicted = []
+        while self._entries and (
+            (self._max_entries is not None and len(self._entries) > self._max_entries)
+            or (self._max_bytes is not None and self._bytes > self._max_bytes)
+        ):
+            key, entry = self._entries.popitem(last=False)
+            self._bytes -= len(entry[0])
+            evicted.append(key)
+        return evicted
+
+    # -- contract ------------------------------------------------------------
+
+    def load(self, key: str) -> Record | None:
+        count_ops()
+        with self._lock:
+            entry = self._live(key, self._clock())
+        return None if entry is None else Record(entry[0], entry[1])
+
+    def load_and_touch(self, key: str, ttl: int | None) -> Record | None:
+        count_ops()
+        with self._lock:
+            now = self._clock()
+            entry = self._live(key, now)
+            if entry is None:
+                return None
+            self._entries[key] = (entry[0], entry[1], self._expires(ttl, now))
+        return Record(entry[0], entry[1])
+
+    def save(self, key: str, data: bytes, ttl: int | None, expect: Any = ANY) -> SaveResult:
+        count_ops()
+        data = bytes(data)
+        with self._lock:
+            now = self._clock()
+            entry = self._live(key, now)
+            if expect is not ANY:
+                current = None if entry is None else entry[1]
+                if current != expect:
+                    return SaveResult(False, current=None if entry is None else Record(entry[0], entry[1]))
+            version = next(self._versions)
+            self._drop(key)
+            self._entries[key] = (data, version, self._expires(ttl, now))
+            self._bytes += len(data)
+            self._sweep(now)
+            evicted = self._evict()
+        if self._on_evict is not None:
+            for k in evicted:
+                self._on_evict(k)
+        return SaveResult(True, version=version)
+
+    def touch(self, key: str, ttl: int | None) -> bool:
+        count_ops()
+        with self._lock:
+            now = self._clock()
+            entry = self._live(key, now)
+            if entry is None:
+                return False
+            self._entries[key] = (entry[0], entry[1], self._expires(ttl, now))
+        return True
+
+    def delete(self, key: str, expect: Any = ANY) -> bool:
+        count_ops()
+        with self._lock:
+            entry = self._live(key, self._clock())
+            if entry is None or (expect is not ANY and entry[1] != expect):
+                return False
+            self._drop(key)
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    # -- introspection (tests, sticky cache accounting) ------------------------
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Total payload bytes held."""
+        return self._bytes
+
+    def ttl(self, key: str) -> float | None:
+        """Seconds left for ``key`` (``None``: no expiry or absent)."""
+        with self._lock:
+            entry = self._live(key, self._clock())
+        if entry is None or entry[2] is None:
+            return None
+        return entry[2] - self._clock()
