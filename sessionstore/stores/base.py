@@ -141,6 +141,11 @@ def open_counter() -> tuple[OpCounter, Any]:
     return counter, _current.set(counter)
 
 
+def enter_counter(counter: OpCounter) -> Any:
+    """Count into ``counter`` again (a response body iterated later); returns a reset token."""
+    return _current.set(counter)
+
+
 def close_counter(token: Any) -> None:
     _current.reset(token)
 

@@ -1,0 +1,99 @@
+"""msgpack with extension types for the same values as the JSON serializer.
+
+Compact and fast; needs the ``msgpack`` package (``sessionstore[msgpack]``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from ..errors import ConfigError, CorruptPayload, SerializationError
+from .paths import find_unsupported
+
+try:
+    import msgpack
+except ImportError:  # pragma: no cover - depends on the environment
+    msgpack = None
+
+__all__ = ["MsgpackSerializer"]
+
+_TUPLE, _SET, _FROZENSET, _DATETIME, _DATE, _UUID, _DECIMAL = range(1, 8)
+_NATIVE = {str, int, float, bool, type(None), bytes, list, dict}
+_EXT = {tuple, set, frozenset, dt.datetime, dt.date, uuid.UUID, Decimal}
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, default=_default, use_bin_type=True, strict_types=True)
+
+
+def _default(obj: Any) -> Any:
+    kind = type(obj)
+    if kind is tuple:
+        return msgpack.ExtType(_TUPLE, _pack(list(obj)))
+    if kind is set or kind is frozenset:
+        items = sorted((_pack(v) for v in obj))
+        return msgpack.ExtType(_SET if kind is set else _FROZENSET, b"".join(items))
+    if kind is dt.datetime:
+        return msgpack.ExtType(_DATETIME, obj.isoformat().encode())
+    if kind is dt.date:
+        return msgpack.ExtType(_DATE, obj.isoformat().encode())
+    if kind is uuid.UUID:
+        return msgpack.ExtType(_UUID, obj.bytes)
+    if kind is Decimal:
+        return msgpack.ExtType(_DECIMAL, str(obj).encode())
+    raise TypeError(kind)
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False, use_list=True)
+
+
+def _unpack_stream(data: bytes) -> list:
+    unpacker = msgpack.Unpacker(ext_hook=_ext_hook, raw=False, strict_map_key=False)
+    unpacker.feed(data)
+    return list(unpacker)
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _TUPLE:
+        return tuple(_unpack(data))
+    if code == _SET:
+        return set(_unpack_stream(data))
+    if code == _FROZENSET:
+        return frozenset(_unpack_stream(data))
+    if code == _DATETIME:
+        return dt.datetime.fromisoformat(data.decode())
+    if code == _DATE:
+        return dt.date.fromisoformat(data.decode())
+    if code == _UUID:
+        return uuid.UUID(bytes=data)
+    if code == _DECIMAL:
+        return Decimal(data.decode())
+    return msgpack.ExtType(code, data)
+
+
+class MsgpackSerializer:
+    name = "msgpack"
+
+    def __init__(self) -> None:
+        if msgpack is None:
+            raise ConfigError("serializer", "msgpack is not installed: pip install 'sessionstore[msgpack]'")
+
+    def dumps(self, value: Any, path: str) -> bytes:
+        try:
+            return _pack(value)
+        except (TypeError, ValueError, OverflowError):
+            found = find_unsupported(value, path, lambda o: type(o) in _NATIVE or type(o) in _EXT)
+            where, obj = found if found else (path, value)
+            raise SerializationError(
+                where, f"{type(obj).__module__}.{type(obj).__qualname__} is not msgpack-serializable"
+            ) from None
+
+    def loads(self, data: bytes) -> Any:
+        try:
+            return _unpack(data)
+        except Exception as exc:  # msgpack raises a variety of errors on garbage
+            raise CorruptPayload(f"undecodable msgpack attribute: {exc}") from None
