@@ -1,6 +1,9 @@
 """msgpack with extension types for the same values as the JSON serializer.
 
 Compact and fast; needs the ``msgpack`` package (``sessionstore[msgpack]``).
+Dicts keep their insertion order (an unchanged value re-encodes to the same
+bytes, which is what dirty detection needs); sets are ordered by encoding.
+Integers beyond 64 bits are carried as an extension type.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 __all__ = ["MsgpackSerializer"]
 
-_TUPLE, _SET, _FROZENSET, _DATETIME, _DATE, _UUID, _DECIMAL = range(1, 8)
+_TUPLE, _SET, _FROZENSET, _DATETIME, _DATE, _UUID, _DECIMAL, _BIGINT = range(1, 9)
 _NATIVE = {str, int, float, bool, type(None), bytes, list, dict}
 _EXT = {tuple, set, frozenset, dt.datetime, dt.date, uuid.UUID, Decimal}
 
@@ -31,6 +34,8 @@ def _pack(obj: Any) -> bytes:
 
 def _default(obj: Any) -> Any:
     kind = type(obj)
+    if kind is int:  # beyond 64 bits
+        return msgpack.ExtType(_BIGINT, str(obj).encode())
     if kind is tuple:
         return msgpack.ExtType(_TUPLE, _pack(list(obj)))
     if kind is set or kind is frozenset:
@@ -72,6 +77,8 @@ def _ext_hook(code: int, data: bytes) -> Any:
         return uuid.UUID(bytes=data)
     if code == _DECIMAL:
         return Decimal(data.decode())
+    if code == _BIGINT:
+        return int(data.decode())
     return msgpack.ExtType(code, data)
 
 

@@ -5,7 +5,8 @@ space, which no ordinary attribute name does: ``{" b": "<base64>"}`` for
 bytes, ``" t"`` tuple, ``" s"`` set, ``" f"`` frozenset, ``" d"`` datetime,
 ``" D"`` date, ``" u"`` UUID, ``" n"`` Decimal, and ``" m"`` (a list of
 pairs) for a dict whose keys are not all strings or that could be mistaken
-for a tag. Keys are sorted and sets ordered by their encoding, so equal
+for a tag. An aware datetime keeps its UTC offset (a ``zoneinfo`` zone comes
+back as the fixed offset it had at that instant). Keys are sorted and sets ordered by their encoding, so equal
 values always give equal bytes.
 """
 
