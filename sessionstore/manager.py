@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -35,7 +36,7 @@ from .stores.base import ANY, Store
 __all__ = ["SessionManager", "CommitOutcome", "merge"]
 
 _log = logging.getLogger("sessionstore")
-_MAX_MERGE_ROUNDS = 16
+_MAX_MERGE_ROUNDS = 64
 
 
 @dataclass(slots=True)
@@ -303,7 +304,9 @@ class SessionManager:
         data = self._serialize(session, changes, meta)
         version = session._version
         expect = None if version is None else version
-        for _ in range(_MAX_MERGE_ROUNDS):
+        for attempt in range(_MAX_MERGE_ROUNDS):
+            if attempt > 2:  # heavy contention: let the others through (jittered backoff)
+                time.sleep(random.uniform(0, 0.0005 * attempt))
             result = self.store.save(key, data, self._ttl(meta), expect=expect)
             if result.ok:
                 self._saved(session, data, result.version)
@@ -323,8 +326,8 @@ class SessionManager:
             theirs = None
         base = session._payload
         merged, conflicts = merge(
-            base={} if base is None else _blobs(base),
-            theirs={} if theirs is None else _blobs(theirs),
+            base={} if base is None else base.blobs(),
+            theirs={} if theirs is None else theirs.blobs(),
             changes=changes,
         )
         record.add("concurrent-update")
@@ -340,13 +343,14 @@ class SessionManager:
         payload = session._payload
         blobs: list[tuple[str, bytes]] = []
         if payload is not None:
-            for name in payload.spans:
+            data = payload.data
+            for name, start, end in payload.entries():
                 if name in changes.removed:
                     continue
                 blob = changes.written.get(name)
-                blobs.append((name, payload.blob(name) if blob is None else blob))
+                blobs.append((name, data[start:end] if blob is None else blob))
         for name, blob in changes.written.items():
-            if payload is None or name not in payload.spans:
+            if payload is None or name not in payload:
                 blobs.append((name, blob))
         return self._finish_payload(meta, blobs)
 
@@ -368,10 +372,6 @@ class SessionManager:
         session._forced = False
         session._meta_changed = False
         session._state.saved = True
-
-
-def _blobs(payload: Payload) -> dict[str, bytes]:
-    return {name: payload.blob(name) for name in payload.spans}
 
 
 def merge(

@@ -1,30 +1,36 @@
-"""The stored form of a session: a small header and one blob per attribute.
+"""The stored form of a session: metadata, an attribute index, and one blob per attribute.
 
 Layout::
 
-    b"SS1" | header length (4 bytes, big-endian) | header (JSON) | blob | blob | ...
+    b"SS2" | meta length (4 bytes) | meta (JSON) | index length (4 bytes) | index | blobs
 
-The header holds the session's metadata and the name and length of every
-attribute blob (each produced by the serializer named in the header). A
-request that reads one attribute decodes the header and that one blob, never
-the rest, so its cost does not grow with the size of the other attributes;
-a save reuses the untouched blobs byte for byte.
+``meta`` is small JSON (creation time, timeout, serializer, external ids,
+total blob size). ``index`` has one line per attribute,
+``\\n<name as a JSON string>\\x1f<offset>\\x1f<length>``, offsets relative
+to the start of the blobs (JSON-escaped names never hold a raw control
+character, so the separators are unambiguous). Each blob is one attribute, encoded by the serializer
+named in the meta.
+
+A request that reads one attribute finds its line with one ``bytes.find``
+(a C-speed scan) and slices that one blob: no per-attribute Python work, so
+the cost of a read does not grow with the rest of the session. The full
+index is parsed only when the application iterates the session or saves it.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from json.encoder import encode_basestring_ascii
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable
 
 from .errors import CorruptPayload
 
 __all__ = ["Meta", "Payload", "encode", "decode"]
 
-_MAGIC = b"SS1"
+_MAGIC = b"SS2"
 _LEN = struct.Struct(">I")
-_START = len(_MAGIC) + _LEN.size
 
 
 @dataclass(slots=True)
@@ -39,69 +45,123 @@ class Meta:
     index: dict[str, list[str]] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class Payload:
-    """A decoded payload: metadata plus where each attribute's blob lies in ``data``."""
+_SEP = b"\x1f"
 
-    meta: Meta
-    data: bytes
-    spans: dict[str, tuple[int, int]]
+
+def _index_key(name: str) -> bytes:
+    return b"\n" + encode_basestring_ascii(name).encode("ascii") + _SEP
+
+
+class Payload:
+    """A decoded payload: the meta, and lazy access to each attribute's blob."""
+
+    __slots__ = ("meta", "data", "_index", "_blobs_at", "_found", "_entries")
+
+    def __init__(self, meta: Meta, data: bytes, index: bytes, blobs_at: int) -> None:
+        self.meta = meta
+        self.data = data
+        self._index = index
+        self._blobs_at = blobs_at
+        self._found: dict[str, tuple[int, int] | None] = {}
+        self._entries: list[tuple[str, int, int]] | None = None
+
+    def span(self, name: str) -> tuple[int, int] | None:
+        """``(start, end)`` of attribute ``name`` in ``data``, or None if absent."""
+        try:
+            return self._found[name]
+        except KeyError:
+            pass
+        index = self._index
+        key = _index_key(name)
+        pos = index.find(key)
+        span = None
+        if pos >= 0:
+            start = pos + len(key)
+            end = index.find(b"\n", start)
+            offset, length = index[start: None if end < 0 else end].split(_SEP)
+            begin = self._blobs_at + int(offset)
+            span = (begin, begin + int(length))
+            if span[1] > len(self.data):
+                raise CorruptPayload(f"attribute {name!r} runs past the end of the payload")
+        self._found[name] = span
+        return span
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.span(name) is not None
 
     def blob(self, name: str) -> bytes:
-        start, end = self.spans[name]
-        return self.data[start:end]
+        span = self.span(name)
+        if span is None:
+            raise KeyError(name)
+        return self.data[span[0]:span[1]]
+
+    def entries(self) -> list[tuple[str, int, int]]:
+        """``(name, start, end)`` of every attribute, in stored order (one C-speed parse)."""
+        if self._entries is None:
+            if not self._index:
+                self._entries = []
+                return self._entries
+            as_json = b"[[" + self._index[1:].replace(b"\n", b"],[").replace(_SEP, b",") + b"]]"
+            try:
+                rows = json.loads(as_json)
+                at, size = self._blobs_at, len(self.data)
+                entries = [(str(n), at + int(o), at + int(o) + int(ln)) for n, o, ln in rows]
+            except (ValueError, TypeError) as exc:
+                raise CorruptPayload(f"bad attribute index: {exc}") from None
+            if any(end > size for _, _, end in entries):
+                raise CorruptPayload("an attribute runs past the end of the payload")
+            self._entries = entries
+        return self._entries
+
+    def names(self) -> list[str]:
+        """Every attribute name, in stored order."""
+        return [name for name, _, _ in self.entries()]
+
+    def blobs(self) -> dict[str, bytes]:
+        """Every attribute blob by name."""
+        data = self.data
+        return {name: data[start:end] for name, start, end in self.entries()}
 
 
 def encode(meta: Meta, blobs: Iterable[tuple[str, bytes]]) -> bytes:
     """Serialize ``meta`` and ``(name, blob)`` pairs into one payload."""
-    names: list[list[object]] = []
+    lines: list[bytes] = []
     parts: list[bytes] = []
+    offset = 0
     for name, blob in blobs:
-        names.append([name, len(blob)])
+        lines.append(b"%s%d\x1f%d" % (_index_key(name), offset, len(blob)))
         parts.append(blob)
-    header = {
-        "c": meta.created,
-        "l": meta.last_accessed,
-        "i": meta.max_inactive,
-        "s": meta.serializer,
-        "a": names,
-    }
+        offset += len(blob)
+    head = {"c": meta.created, "l": meta.last_accessed, "i": meta.max_inactive, "s": meta.serializer, "b": offset}
     if meta.index:
-        header["x"] = meta.index
-    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return b"".join([_MAGIC, _LEN.pack(len(head)), head, *parts])
+        head["x"] = meta.index
+    meta_bytes = json.dumps(head, separators=(",", ":")).encode("ascii")
+    index = b"".join(lines)
+    return b"".join([_MAGIC, _LEN.pack(len(meta_bytes)), meta_bytes, _LEN.pack(len(index)), index, *parts])
 
 
 def decode(data: bytes) -> Payload:
-    """Parse a payload's header; blobs are sliced only when asked for.
+    """Parse a payload's meta; attributes are located only when asked for.
 
-    Raises :class:`CorruptPayload` unless the data is exactly one well-formed
-    payload (right magic, lengths adding up to the total size).
+    Raises :class:`CorruptPayload` unless the data has the right magic and
+    its sections add up to its size exactly.
     """
-    if data[:3] != _MAGIC or len(data) < _START:
+    if data[:3] != _MAGIC or len(data) < 11:
         raise CorruptPayload("not a sessionstore payload (bad magic)")
-    (head_len,) = _LEN.unpack_from(data, 3)
-    offset = _START + head_len
     try:
-        header = json.loads(data[_START:offset])
-        meta = Meta(
-            created=float(header["c"]),
-            last_accessed=float(header["l"]),
-            max_inactive=int(header["i"]),
-            serializer=str(header["s"]),
-            index=dict(header.get("x") or {}),
-        )
-        spans: dict[str, tuple[int, int]] = {}
-        for name, length in header["a"]:
-            spans[str(name)] = (offset, offset + int(length))
-            offset += int(length)
-    except (ValueError, KeyError, TypeError) as exc:
+        (meta_len,) = _LEN.unpack_from(data, 3)
+        meta_end = 7 + meta_len
+        (index_len,) = _LEN.unpack_from(data, meta_end)
+        index_start = meta_end + 4
+        blobs_at = index_start + index_len
+        head = json.loads(data[7:meta_end])
+        meta = Meta(float(head["c"]), float(head["l"]), int(head["i"]), str(head["s"]), head.get("x") or {})
+        total = int(head["b"])
+    except (struct.error, ValueError, KeyError, TypeError) as exc:
         raise CorruptPayload(f"bad payload header: {exc}") from None
-    if offset != len(data) or head_len > len(data):
-        raise CorruptPayload(f"payload length mismatch ({offset} != {len(data)})")
-    return Payload(meta, data, spans)
-
-
-def blobs_of(payload: Payload) -> Mapping[str, bytes]:
-    """Every attribute blob (used when merging concurrent saves)."""
-    return {name: payload.blob(name) for name in payload.spans}
+    if blobs_at + total != len(data) or not isinstance(meta.index, dict):
+        raise CorruptPayload(f"payload length mismatch ({blobs_at + total} != {len(data)})")
+    index = data[index_start:blobs_at]
+    if index and index[:1] != b"\n":
+        raise CorruptPayload("bad attribute index")
+    return Payload(meta, data, index, blobs_at)

@@ -175,10 +175,13 @@ class Session(MutableMapping[str, Any]):
         except KeyError:
             pass
         payload = self._payload
-        if payload is None or name in self._removed or name not in payload.spans:
+        if payload is None or name in self._removed:
             raise KeyError(name)
         try:
-            value = self._manager._decode_attribute(self, payload.blob(name))
+            span = payload.span(name)
+            if span is None:
+                raise KeyError(name)
+            value = self._manager._decode_attribute(self, payload.data[span[0]:span[1]])
         except CorruptPayload:
             self._manager._corrupt(self)
             raise KeyError(name) from None
@@ -198,7 +201,7 @@ class Session(MutableMapping[str, Any]):
         if name not in self:
             raise KeyError(name)
         self._values.pop(name, None)
-        if self._payload is not None and name in self._payload.spans:
+        if self._payload is not None and name in self._payload:
             self._removed.add(name)
 
     def __contains__(self, name: object) -> bool:
@@ -206,12 +209,12 @@ class Session(MutableMapping[str, Any]):
         if name in self._values:
             return True
         payload = self._payload
-        return payload is not None and name in payload.spans and name not in self._removed
+        return payload is not None and name not in self._removed and name in payload
 
     def _names(self) -> list[str]:
         names = list(self._values)
         if self._payload is not None:
-            names.extend(n for n in self._payload.spans if n not in self._values and n not in self._removed)
+            names.extend(n for n in self._payload.names() if n not in self._values and n not in self._removed)
         return names
 
     def __iter__(self) -> Iterator[str]:
@@ -254,7 +257,7 @@ class Session(MutableMapping[str, Any]):
         dumps = self._manager._encode_attribute
         for name, value in self._values.items():
             blob = dumps(self, value, name)
-            if payload is not None and name in payload.spans and name not in self._removed:
+            if payload is not None and name not in self._removed and name in payload:
                 if payload.blob(name) == blob:
                     continue
                 if name not in self._assigned:
