@@ -10,6 +10,11 @@ request saved the session meanwhile, the manager merges attribute by
 attribute (see :func:`merge`) instead of overwriting: attributes the other
 request changed are kept, this request's changes are applied on top, and an
 attribute both changed is a conflict (``on_conflict``).
+
+In sticky mode the manager's store is a :class:`~sessionstore.sticky.StickyStore`
+(this node's memory first, the shared store as backup); the manager adds
+the route logic (a session id carrying another node's route is a failover)
+and shares one session state between concurrent requests of a session.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -27,11 +33,11 @@ from .errors import ConflictError, CorruptPayload, SessionTooLarge, StoreUnavail
 from .events import Listeners, SessionEvent
 from .payload import Meta, Payload, decode, encode
 from .serializers import Serializer, get_serializer
-from .session import Changes, Session
+from .session import Changes, Session, SessionState
 from .settings import Settings
 from .signing import CookieSigner, Verdict
 from .stores import open_store
-from .stores.base import ANY, Store
+from .stores.base import Record, Store
 
 __all__ = ["SessionManager", "CommitOutcome", "merge"]
 
@@ -60,13 +66,21 @@ class SessionManager:
     ) -> None:
         self.settings = settings
         self.clock = clock or time.time
-        self.store: Store = store if store is not None else open_store(settings.store, clock=self.clock)
+        if store is None:
+            store = open_store(settings.store, clock=self.clock)
+        if settings.sticky:
+            from .sticky import StickyStore
+
+            store = StickyStore(store, settings, clock=self.clock)
+        self.store: Store = store
         self.serializer: Serializer = get_serializer(settings.serializer, settings.secret_keys)
         self._readers: dict[str, Serializer] = {self.serializer.name: self.serializer}
         self.signer = CookieSigner(settings.secret_keys)
         self.listeners = Listeners()
         self.node_id = settings.node_id if settings.sticky else None
         self._prefix = settings.key_prefix
+        self._live: dict[str, SessionState] = {}  # sticky: states shared by concurrent requests
+        self._live_lock = threading.Lock()
 
     # -- public API ------------------------------------------------------------------
 
@@ -75,13 +89,19 @@ class SessionManager:
         self.listeners.add(event, callback)
 
     def load(self, session_id: str) -> Session | None:
-        """The stored session ``session_id``, or ``None``. Save changes with :meth:`save`."""
+        """The stored session ``session_id``, or ``None``. Save changes with :meth:`save`.
+
+        Looking a session up this way does not slide its expiry.
+        """
         if not ids.is_valid(session_id):
             return None
+        stored = self.store.load(self.key(session_id))
         session = Session(self, None, RequestRecord())
-        self._load_id(session, session_id)
+        if stored is None or not self._adopt(session, session_id, stored):
+            return None
+        session._requested_id = session_id
         session._loaded = True
-        return None if session._is_new else session
+        return session
 
     def save(self, session: Session) -> None:
         """Commit ``session`` now (it stays usable; later changes are committed again).
@@ -101,7 +121,7 @@ class SessionManager:
         return deleted
 
     def close(self) -> None:
-        """Flush pending work and close store connections."""
+        """Flush pending work (async backups) and close store connections."""
         self.store.close()
 
     def key(self, session_id: str) -> str:
@@ -114,17 +134,32 @@ class SessionManager:
         """A lazy session for a request that carried ``cookie`` (raw value or None)."""
         return Session(self, cookie, record)
 
+    def release(self, session: Session) -> None:
+        """The request is over: stop sharing its session state (sticky mode)."""
+        requested = session._requested_id
+        if requested is None or not self._live:
+            return
+        with self._live_lock:
+            state = self._live.get(requested)
+            if state is session._s:
+                state.users -= 1
+                if state.users <= 0:
+                    del self._live[requested]
+
     def _load(self, session: Session) -> None:
         """First touch: verify the cookie, load from the store or start a new session."""
-        record: RequestRecord = session._state
+        record: RequestRecord = session._record
         session_id = self._verify(session._cookie, record)
         session._requested_id = session_id
         if session_id is not None:
-            self._load_id(session, session_id)
-        if session._is_new:
+            if self.node_id is None:
+                self._load_id(session, session_id)
+            else:
+                self._load_sticky(session, session_id)
+        if session._s.id is None:
             self._start_new(session)
         session._loaded = True
-        record.session_id = session._id
+        record.session_id = session._s.id
 
     def _verify(self, cookie: str | None, record: RequestRecord) -> str | None:
         if cookie is None:
@@ -136,67 +171,115 @@ class SessionManager:
             return None
         return verdict
 
+    def _fetch(self, key: str, ttl: int | None) -> tuple[Record | None, str]:
+        """The stored record (expiry slid) and where it came from (sticky: ``local``)."""
+        if self.node_id is not None:
+            return self.store.fetch(key, ttl)  # type: ignore[attr-defined]
+        return self.store.load_and_touch(key, ttl), "store"
+
     def _load_id(self, session: Session, session_id: str) -> None:
-        record: RequestRecord = session._state
+        """Load ``session_id`` (sliding its expiry) into ``session``."""
         key = self.key(session_id)
-        stored = self.store.load_and_touch(key, self._default_ttl())
+        stored, source = self._fetch(key, self._default_ttl())
         if stored is None:
-            record.add("unknown-id")
+            session._record.add("unknown-id")
             return
+        if self._adopt(session, session_id, stored):
+            meta = session._s.meta
+            if meta.max_inactive != self.settings.max_inactive:  # type: ignore[union-attr]
+                self.store.touch(key, self._ttl(meta))  # type: ignore[arg-type]
+            session._record.source = source
+
+    def _adopt(self, session: Session, session_id: str, stored: Record) -> bool:
+        """Fill ``session`` from a stored record; False (and a cause) if unusable."""
+        record = session._record
         try:
             payload = decode(stored.data)
             self._reader(payload.meta.serializer)
         except CorruptPayload as exc:
             record.add("corrupt-payload", error=str(exc))
             _log.warning("sessionstore: corrupt payload for session %s left in place: %s", log_id(session_id), exc)
-            return
-        meta = payload.meta
-        if self._past_max_age(meta):
+            return False
+        if self._past_max_age(payload.meta):
             record.add("expired", expired="max_age")
-            self.store.delete(key)
+            self.store.delete(self.key(session_id))
             self.listeners.emit(SessionEvent("destroyed", session_id, reason="expired"))
-            return
+            return False
         if stored.relocated:
             record.add("relocated")
-        if meta.max_inactive != self.settings.max_inactive:
-            self.store.touch(key, self._ttl(meta))
-        session._id = session_id
-        session._is_new = False
-        session._meta = meta
-        session._payload = payload
-        session._version = stored.version
-        record.source = "store"
+        s = session._s
+        s.id, s.is_new, s.meta, s.payload, s.version = session_id, False, payload.meta, payload, stored.version
+        return True
+
+    def _load_sticky(self, session: Session, session_id: str) -> None:
+        """Sticky mode: share a live state, or load (local copy first), or fail over."""
+        if ids.split_route(session_id)[1] != self.node_id:
+            self._failover(session, session_id)
+            return
+        with self._live_lock:
+            state = self._live.get(session_id)
+            if state is not None:
+                state.users += 1
+                session._s = state
+                session._record.source = "local"
+                return
+        self._load_id(session, session_id)
+        if session._s.id is None:
+            return
+        with self._live_lock:
+            state = self._live.setdefault(session_id, session._s)
+            state.users += 1
+            session._s = state
+
+    def _failover(self, session: Session, session_id: str) -> None:
+        """A session owned by another node arrived here: take it over under our route."""
+        stored = self.store.load_backup(self.key(session_id), self._default_ttl())  # type: ignore[attr-defined]
+        if stored is None:
+            session._record.add("unknown-id")
+            return
+        if not self._adopt(session, session_id, stored):
+            return
+        s = session._s
+        s.stale_ids.append((session_id, "moved"))
+        s.id = ids.new_id(self.node_id)
+        s.version = None  # not stored under the new id yet: the commit creates it
+        s.forced = True
+        session._record.add("route-changed", previous_route=ids.split_route(session_id)[1])
+        session._record.source = "failover"
 
     def _start_new(self, session: Session) -> None:
         now = self.clock()
-        session._id = ids.new_id(self.node_id)
-        session._is_new = True
-        session._meta = Meta(now, now, self.settings.max_inactive, self.serializer.name)
-        session._payload = None
-        session._version = None
-        session._state.source = "new"
+        s = session._s
+        s.id = ids.new_id(self.node_id)
+        s.is_new = True
+        s.meta = Meta(now, now, self.settings.max_inactive, self.serializer.name)
+        s.payload = None
+        s.version = None
+        session._record.source = "new"
 
     def _renew(self, session: Session, keep_data: bool) -> None:
         """Give ``session`` a new id (rotate) or make it a new empty session (invalidate)."""
+        s = session._s
         if keep_data:
-            if not session._is_new:
-                session._stale_ids.append((session._id, "rotated"))
-            session._id = ids.new_id(self.node_id)
-            session._version = None
-            session._forced = True
+            if s.version is not None:
+                s.stale_ids.append((s.id, "rotated"))  # type: ignore[arg-type]
+            s.id = ids.new_id(self.node_id)
+            s.version = None
+            s.forced = True
+            session._record.details["rotated"] = True
         else:
-            if not session._is_new:
-                session._stale_ids.append((session._id, "invalidated"))
-                session._state.add("invalidated")
-            session._reset()
+            if s.version is not None:
+                s.stale_ids.append((s.id, "invalidated"))  # type: ignore[arg-type]
+                session._record.add("invalidated")
+            s.reset()
             self._start_new(session)
-        session._state.session_id = session._id
+        session._record.session_id = s.id
 
     def _corrupt(self, session: Session) -> None:
         """An attribute blob failed to decode: continue with a new session, data left in place."""
-        session._state.add("corrupt-payload")
-        _log.warning("sessionstore: corrupt attribute in session %s; issuing a new session", log_id(session._id))
-        session._reset()
+        session._record.add("corrupt-payload")
+        _log.warning("sessionstore: corrupt attribute in session %s; issuing a new session", log_id(session._s.id))
+        session._s.reset()
         self._start_new(session)
 
     # -- serialization --------------------------------------------------------------------------
@@ -213,11 +296,8 @@ class SessionManager:
             self._readers[name] = reader
         return reader
 
-    def _decode_attribute(self, session: Session, blob: bytes) -> Any:
-        return self._reader(session._meta.serializer).loads(blob)  # type: ignore[union-attr]
-
-    def _encode_attribute(self, session: Session, value: Any, name: str) -> bytes:
-        return self.serializer.dumps(value, name)
+    def _decode_attribute(self, state: SessionState, blob: bytes) -> Any:
+        return self._reader(state.meta.serializer).loads(blob)  # type: ignore[union-attr]
 
     # -- expiry ------------------------------------------------------------------------------------
 
@@ -250,97 +330,103 @@ class SessionManager:
         """
         if not session._loaded:
             return CommitOutcome()
-        record: RequestRecord = session._state
-        changes = session._changes()
-        if changes.mutated:
-            record.add("mutated-in-place", mutated=changes.mutated)
-        self._drop_stale(session, "invalidated")  # logout holds even if the save below fails
-        if session._is_new:
-            stored = self._create(session, changes)
-        elif changes or session._forced or session._meta_changed or self.settings.dirty_check == "always":
-            stored = self._update(session, changes)
-        else:
-            stored = True
-        self._drop_stale(session, "rotated")  # only once the data is safe under the new id
+        s = session._s
+        with s.lock:
+            changes = s.changes(self.serializer.dumps)
+            if changes.mutated:
+                session._record.add("mutated-in-place", mutated=changes.mutated)
+            self._drop_stale(session, "invalidated")  # logout holds even if the save below fails
+            if s.version is None:
+                stored = self._create(session, changes)
+            elif changes or s.forced or s.meta_changed or self.settings.dirty_check == "always":
+                stored = self._update(session, changes)
+            else:
+                stored = True
+            self._drop_stale(session, "rotated", "moved")  # once the data is safe under the new id
         return self._cookie_outcome(session, stored)
 
     def _cookie_outcome(self, session: Session, stored: bool) -> CommitOutcome:
-        if stored and session._id != session._requested_id:
-            session._requested_id = session._id  # the client gets this id now
-            return CommitOutcome("set", session._id)
+        if stored and session._s.id != session._requested_id:
+            session._requested_id = session._s.id  # the client gets this id now
+            return CommitOutcome("set", session._s.id)
         if not stored and session._cookie is not None:
             session._cookie = None  # the client's cookie is deleted now
             return CommitOutcome("delete")
         return CommitOutcome()
 
-    def _drop_stale(self, session: Session, why: str) -> None:
-        """Delete the ids this request retired for ``why`` and tell listeners."""
-        stale = [old for old, reason in session._stale_ids if reason == why]
-        session._stale_ids[:] = [item for item in session._stale_ids if item[1] != why]
-        for old_id in stale:
+    def _drop_stale(self, session: Session, *reasons: str) -> None:
+        """Delete the ids this request retired for ``reasons`` and tell listeners."""
+        s = session._s
+        stale = [item for item in s.stale_ids if item[1] in reasons]
+        if not stale:
+            return
+        s.stale_ids[:] = [item for item in s.stale_ids if item[1] not in reasons]
+        for old_id, why in stale:
             self.store.delete(self.key(old_id))
             if why == "invalidated":
                 self.listeners.emit(SessionEvent("destroyed", old_id, reason="invalidated"))
             else:
-                self.listeners.emit(SessionEvent("id_changed", session._id, old_id=old_id))
+                self.listeners.emit(SessionEvent("id_changed", s.id, old_id=old_id))  # type: ignore[arg-type]
 
     def _create(self, session: Session, changes: Changes) -> bool:
-        """Store a new session, unless it is empty (an empty new session is never stored)."""
-        if not changes.written and not session._forced:
+        """Store a session under an id nothing is stored under yet (new, rotated, moved).
+
+        An empty new session is never stored.
+        """
+        s = session._s
+        if not changes.written and not s.forced and s.payload is None:
             return False
-        data = self._serialize(session, changes, session._meta)  # type: ignore[arg-type]
-        result = self.store.save(self.key(session._id), data, self._ttl(session._meta), expect=None)  # type: ignore[arg-type]
+        data = self._serialize(s, changes, s.meta)  # type: ignore[arg-type]
+        result = self.store.save(self.key(s.id), data, self._ttl(s.meta), expect=None)  # type: ignore[arg-type]
         if not result.ok:  # 256 random bits collided: give up rather than overwrite
             raise StoreUnavailable("session id collision; refusing to overwrite another session")
         self._saved(session, data, result.version)
-        self.listeners.emit(SessionEvent("created", session._id))  # type: ignore[arg-type]
+        if s.is_new:
+            self.listeners.emit(SessionEvent("created", s.id))  # type: ignore[arg-type]
         return True
 
     def _update(self, session: Session, changes: Changes) -> bool:
         """Conditional save; on a concurrent write, merge and retry."""
-        record: RequestRecord = session._state
-        meta: Meta = session._meta  # type: ignore[assignment]
-        key = self.key(session._id)  # type: ignore[arg-type]
-        data = self._serialize(session, changes, meta)
-        version = session._version
-        expect = None if version is None else version
+        s = session._s
+        key = self.key(s.id)  # type: ignore[arg-type]
+        data = self._serialize(s, changes, s.meta)  # type: ignore[arg-type]
+        expect = s.version
         for attempt in range(_MAX_MERGE_ROUNDS):
             if attempt > 2:  # heavy contention: let the others through (jittered backoff)
                 time.sleep(random.uniform(0, 0.0005 * attempt))
-            result = self.store.save(key, data, self._ttl(meta), expect=expect)
+            result = self.store.save(key, data, self._ttl(s.meta), expect=expect)  # type: ignore[arg-type]
             if result.ok:
                 self._saved(session, data, result.version)
                 return True
             if result.current is None:
                 # Destroyed (invalidated, expired) by someone else: never resurrect it.
-                record.add("concurrent-update", destroyed_meanwhile=True)
+                session._record.add("concurrent-update", destroyed_meanwhile=True)
                 return False
             data, expect = self._merge_into(session, changes, result.current.data), result.current.version
         raise StoreUnavailable("session kept changing under concurrent writers; gave up merging")
 
     def _merge_into(self, session: Session, changes: Changes, theirs_data: bytes) -> bytes:
-        record: RequestRecord = session._state
+        record: RequestRecord = session._record
+        s = session._s
         try:
-            theirs = decode(theirs_data)
+            theirs: Payload | None = decode(theirs_data)
         except CorruptPayload:
             theirs = None
-        base = session._payload
         merged, conflicts = merge(
-            base={} if base is None else base.blobs(),
+            base={} if s.payload is None else s.payload.blobs(),
             theirs={} if theirs is None else theirs.blobs(),
             changes=changes,
         )
         record.add("concurrent-update")
         if conflicts:
-            record.details.setdefault("conflicts", [])
-            record.details["conflicts"] = sorted(set(record.details["conflicts"]) | set(conflicts))
+            record.details["conflicts"] = sorted(set(record.details.get("conflicts", ())) | set(conflicts))
             if self.settings.on_conflict == "error":
                 raise ConflictError(sorted(conflicts))
-        meta = session._meta if theirs is None else _merged_meta(session, theirs.meta)
+        meta = s.meta if theirs is None else _merged_meta(s, theirs.meta)
         return self._finish_payload(meta, merged.items())  # type: ignore[arg-type]
 
-    def _serialize(self, session: Session, changes: Changes, meta: Meta) -> bytes:
-        payload = session._payload
+    def _serialize(self, s: SessionState, changes: Changes, meta: Meta) -> bytes:
+        payload = s.payload
         blobs: list[tuple[str, bytes]] = []
         if payload is not None:
             data = payload.data
@@ -362,16 +448,8 @@ class SessionManager:
         return data
 
     def _saved(self, session: Session, data: bytes, version: Any) -> None:
-        """After a successful write the session reflects the stored state."""
-        session._payload = decode(data)
-        session._meta = session._payload.meta
-        session._version = version
-        session._is_new = False
-        session._assigned.clear()
-        session._removed.clear()
-        session._forced = False
-        session._meta_changed = False
-        session._state.saved = True
+        session._s.saved(decode(data), version)
+        session._record.saved = True
 
 
 def merge(
@@ -399,10 +477,10 @@ def merge(
     return merged, conflicts
 
 
-def _merged_meta(session: Session, theirs: Meta) -> Meta:
-    mine: Meta = session._meta  # type: ignore[assignment]
+def _merged_meta(state: SessionState, theirs: Meta) -> Meta:
+    mine: Meta = state.meta  # type: ignore[assignment]
     meta = Meta(theirs.created, theirs.last_accessed, theirs.max_inactive, theirs.serializer, dict(theirs.index))
-    if session._meta_changed:
+    if state.meta_changed:
         meta.max_inactive = mine.max_inactive
         for name, values in mine.index.items():
             merged = meta.index.setdefault(name, [])

@@ -36,6 +36,11 @@ _log = logging.getLogger("sessionstore")
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 
+_DEFAULT_KEY = "sessionstore.session"
+_KEY_POINTER = "sessionstore.environ_key"
+#: ``environ[RECORD_KEY]`` is the request's :class:`~sessionstore.debug.RequestRecord`.
+RECORD_KEY = "sessionstore.record"
+
 #: (status, cause, body) for errors that replace the application's response.
 _FAILURES: list[tuple[type[BaseException], str, str, bytes]] = [
     (LockTimeout, "503 Service Unavailable", "lock-timeout", b"Session busy, please retry.\n"),
@@ -46,14 +51,14 @@ _FAILURES: list[tuple[type[BaseException], str, str, bytes]] = [
 ]
 
 
-def get_session(environ: dict, key: str = "sessionstore.session") -> Session:
-    """The request's session (``environ[environ_key]``).
+def get_session(environ: dict, key: str | None = None) -> Session:
+    """The request's session (``environ[environ_key]``, whatever ``environ_key`` is set to).
 
     Raises ``LookupError`` on a path that matches ``ignore_pattern`` or outside
     a :class:`SessionMiddleware`.
     """
     try:
-        return environ[key]
+        return environ[key or environ.get(_KEY_POINTER, _DEFAULT_KEY)]
     except KeyError:
         raise LookupError(
             "no session in this request: the path matches ignore_pattern, or the app is not "
@@ -95,11 +100,17 @@ class SessionMiddleware:
         try:
             session = self.manager.open(_read_cookie(environ.get("HTTP_COOKIE"), self._cookie_name), record)
             environ[self.settings.environ_key] = session
+            if self.settings.environ_key != _DEFAULT_KEY:
+                environ[_KEY_POINTER] = self.settings.environ_key
+            environ[RECORD_KEY] = record
             response = _Response(self, environ, session, record, counter, start_response)
             try:
                 body = self.app(environ, response.start_response)
             except (LockTimeout, StoreUnavailable) as exc:
                 return response.fail(exc)
+            except BaseException:
+                self.manager.release(session)
+                raise
             return response.wrap(body)
         finally:
             close_counter(token)
@@ -228,6 +239,7 @@ class _Response:
                                  "its cookie could not be sent (touch the session before start_response)")
             except SessionStoreError as exc:
                 _log.error("sessionstore: saving changes made while streaming failed: %s", exc)
+        self.mw.manager.release(self.session)
         self.record.store_ops = self.counter.n
         if self.mw.settings.debug:
             self.record.emit(self.mw.manager.node_id, self.mw.settings.mode)

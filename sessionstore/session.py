@@ -7,25 +7,32 @@ byte, with what was loaded. An attribute never handed to the application
 cannot have changed, so it is neither decoded nor re-encoded, and a change
 made in place (``session["cart"]["items"].append(1)``) is seen like an
 assignment.
+
+A :class:`Session` is one request's view; the data lives in a
+:class:`SessionState`, which concurrent requests of one session share in
+sticky mode (one session object per process, as in Tomcat).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, MutableMapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, MutableMapping
 
+from .debug import log_id
 from .errors import CorruptPayload
 from .payload import Meta, Payload
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .debug import RequestRecord
     from .manager import SessionManager
 
-__all__ = ["Session", "Changes"]
+__all__ = ["Session", "SessionState", "Changes"]
 
 
 @dataclass(slots=True)
 class Changes:
-    """What a request did to its session, attribute by attribute."""
+    """What requests did to a session since it was loaded or last saved."""
 
     #: name -> new serialized blob, for attributes whose content changed.
     written: dict[str, bytes] = field(default_factory=dict)
@@ -38,6 +45,74 @@ class Changes:
         return bool(self.written or self.removed)
 
 
+class SessionState:
+    """One session's data: what was loaded, and what requests did to it since."""
+
+    __slots__ = (
+        "id", "is_new", "meta", "payload", "version", "values", "assigned", "removed",
+        "forced", "meta_changed", "stale_ids", "lock", "users",
+    )
+
+    def __init__(self) -> None:
+        self.stale_ids: list[tuple[str, str]] = []  # (old id, "rotated" | "invalidated")
+        self.lock = threading.RLock()
+        self.users = 0  # requests sharing this state right now (sticky mode)
+        self.reset()
+
+    def reset(self) -> None:
+        self.id: str | None = None
+        self.is_new = True
+        self.meta: Meta | None = None
+        self.payload: Payload | None = None
+        self.version: Any = None
+        self.values: dict[str, Any] = {}
+        self.assigned: set[str] = set()
+        self.removed: set[str] = set()
+        self.forced = False
+        self.meta_changed = False
+
+    def names(self) -> list[str]:
+        names = list(self.values)
+        if self.payload is not None:
+            values, removed = self.values, self.removed
+            names.extend(n for n in self.payload.names() if n not in values and n not in removed)
+        return names
+
+    def changes(self, dumps: Callable[[Any, str], bytes]) -> Changes:
+        """Serialize the touched attributes and diff them against what was loaded.
+
+        Raises :class:`~sessionstore.errors.SerializationError` naming the path
+        of a value that cannot be serialized.
+        """
+        changes = Changes(removed=set(self.removed))
+        payload = self.payload
+        for name, value in self.values.items():
+            blob = dumps(value, name)
+            if payload is not None and name not in self.removed:
+                span = payload.span(name)
+                if span is not None:
+                    if payload.data[span[0]:span[1]] == blob:
+                        continue
+                    if name not in self.assigned:
+                        changes.mutated.append(name)
+            changes.written[name] = blob
+        return changes
+
+    def saved(self, payload: Payload, version: Any) -> None:
+        """After a successful write the state reflects what is stored.
+
+        ``is_new`` stays as it was: the client learns of a new session only
+        from this response.
+        """
+        self.payload = payload
+        self.meta = payload.meta
+        self.version = version
+        self.assigned.clear()
+        self.removed.clear()
+        self.forced = False
+        self.meta_changed = False
+
+
 class Session(MutableMapping[str, Any]):
     """A server-side session: a ``MutableMapping[str, Any]`` with Tomcat's extras.
 
@@ -45,38 +120,22 @@ class Session(MutableMapping[str, Any]):
     load the session if it is not loaded yet, like any data access.
     """
 
-    __slots__ = (
-        "_manager", "_cookie", "_loaded", "_id", "_is_new", "_meta", "_payload",
-        "_version", "_values", "_assigned", "_removed", "_forced", "_meta_changed",
-        "_stale_ids", "_requested_id", "_state", "__weakref__",
-    )
+    __slots__ = ("_manager", "_cookie", "_record", "_loaded", "_requested_id", "_s", "__weakref__")
 
-    def __init__(self, manager: "SessionManager", cookie: str | None, state: Any = None) -> None:
+    def __init__(self, manager: "SessionManager", cookie: str | None, record: "RequestRecord") -> None:
         self._manager = manager
         self._cookie = cookie  # raw cookie value, verified on first touch
-        self._state = state  # request bookkeeping owned by the manager
+        self._record = record
         self._loaded = False
-        self._requested_id: str | None = None
-        self._reset()
-
-    def _reset(self) -> None:
-        self._id: str | None = None
-        self._is_new = True
-        self._meta: Meta | None = None
-        self._payload: Payload | None = None
-        self._version: Any = None
-        self._values: dict[str, Any] = {}
-        self._assigned: set[str] = set()
-        self._removed: set[str] = set()
-        self._forced = False
-        self._meta_changed = False
-        self._stale_ids: list[str] = getattr(self, "_stale_ids", [])
+        self._requested_id: str | None = None  # the verified id the client sent
+        self._s = SessionState()
 
     # -- loading --------------------------------------------------------------
 
-    def _ensure(self) -> None:
+    def _ensure(self) -> SessionState:
         if not self._loaded:
-            self._manager._load(self)  # sets _loaded, _id, _meta, _payload, ...
+            self._manager._load(self)
+        return self._s
 
     @property
     def loaded(self) -> bool:
@@ -88,45 +147,40 @@ class Session(MutableMapping[str, Any]):
     @property
     def id(self) -> str:
         """The session id (``<random>.<node>`` in sticky mode)."""
-        self._ensure()
-        return self._id  # type: ignore[return-value]
+        return self._ensure().id  # type: ignore[return-value]
 
     @property
     def is_new(self) -> bool:
         """True until the session has been stored once and sent back by the client."""
-        self._ensure()
-        return self._is_new
+        return self._ensure().is_new
 
     @property
     def created(self) -> float:
         """Creation time, epoch seconds."""
-        self._ensure()
-        return self._meta.created  # type: ignore[union-attr]
+        return self._ensure().meta.created  # type: ignore[union-attr]
 
     @property
     def last_accessed(self) -> float:
-        """Time of the previous request that loaded this session (epoch seconds).
+        """Time of the last save of this session (epoch seconds).
 
-        In non-sticky mode this is the time of the last *write*: read-only
-        requests only slide the store expiry and do not rewrite the session.
+        Read-only requests only slide the store expiry and do not rewrite the
+        session, so this is the time of the last request that changed it.
         """
-        self._ensure()
-        return self._meta.last_accessed  # type: ignore[union-attr]
+        return self._ensure().meta.last_accessed  # type: ignore[union-attr]
 
     @property
     def max_inactive(self) -> int:
         """Idle timeout of this session in seconds; ``<= 0`` never expires."""
-        self._ensure()
-        return self._meta.max_inactive  # type: ignore[union-attr]
+        return self._ensure().meta.max_inactive  # type: ignore[union-attr]
 
     @max_inactive.setter
     def max_inactive(self, seconds: int) -> None:
         if isinstance(seconds, bool) or not isinstance(seconds, int):
             raise TypeError("max_inactive must be an int (seconds)")
-        self._ensure()
-        if seconds != self._meta.max_inactive:  # type: ignore[union-attr]
-            self._meta.max_inactive = seconds  # type: ignore[union-attr]
-            self._meta_changed = True
+        s = self._ensure()
+        if seconds != s.meta.max_inactive:  # type: ignore[union-attr]
+            s.meta.max_inactive = seconds  # type: ignore[union-attr]
+            s.meta_changed = True
 
     def invalidate(self) -> None:
         """Destroy this session now (logout).
@@ -149,8 +203,7 @@ class Session(MutableMapping[str, Any]):
 
     def mark_modified(self) -> None:
         """Save this session at the end of the request even if nothing changed."""
-        self._ensure()
-        self._forced = True
+        self._ensure().forced = True
 
     def index(self, name: str, value: str) -> None:
         """Record an external id for this session (e.g. a CAS service ticket).
@@ -160,107 +213,78 @@ class Session(MutableMapping[str, Any]):
         """
         if not isinstance(name, str) or not isinstance(value, str) or not name or not value:
             raise TypeError("index name and value must be non-empty strings")
-        self._ensure()
-        values = self._meta.index.setdefault(name, [])  # type: ignore[union-attr]
+        s = self._ensure()
+        values = s.meta.index.setdefault(name, [])  # type: ignore[union-attr]
         if value not in values:
             values.append(value)
-            self._meta_changed = True
+            s.meta_changed = True
 
     # -- mapping --------------------------------------------------------------
 
     def __getitem__(self, name: str) -> Any:
-        self._ensure()
+        s = self._ensure()
         try:
-            return self._values[name]
+            return s.values[name]
         except KeyError:
             pass
-        payload = self._payload
-        if payload is None or name in self._removed:
+        payload = s.payload
+        if payload is None or name in s.removed:
             raise KeyError(name)
         try:
             span = payload.span(name)
             if span is None:
                 raise KeyError(name)
-            value = self._manager._decode_attribute(self, payload.data[span[0]:span[1]])
+            value = self._manager._decode_attribute(s, payload.data[span[0]:span[1]])
         except CorruptPayload:
             self._manager._corrupt(self)
             raise KeyError(name) from None
-        self._values[name] = value
+        s.values[name] = value
         return value
 
     def __setitem__(self, name: str, value: Any) -> None:
         if not isinstance(name, str):
             raise TypeError(f"session attribute names are str, got {type(name).__name__}")
-        self._ensure()
-        self._values[name] = value
-        self._assigned.add(name)
-        self._removed.discard(name)
+        s = self._ensure()
+        s.values[name] = value
+        s.assigned.add(name)
+        s.removed.discard(name)
 
     def __delitem__(self, name: str) -> None:
-        self._ensure()
+        s = self._ensure()
         if name not in self:
             raise KeyError(name)
-        self._values.pop(name, None)
-        if self._payload is not None and name in self._payload:
-            self._removed.add(name)
+        s.values.pop(name, None)
+        if s.payload is not None and name in s.payload:
+            s.removed.add(name)
 
     def __contains__(self, name: object) -> bool:
-        self._ensure()
-        if name in self._values:
+        s = self._ensure()
+        if name in s.values:
             return True
-        payload = self._payload
-        return payload is not None and name not in self._removed and name in payload
-
-    def _names(self) -> list[str]:
-        names = list(self._values)
-        if self._payload is not None:
-            names.extend(n for n in self._payload.names() if n not in self._values and n not in self._removed)
-        return names
+        payload = s.payload
+        return payload is not None and name not in s.removed and name in payload
 
     def __iter__(self) -> Iterator[str]:
-        self._ensure()
-        return iter(self._names())
+        return iter(self._ensure().names())
 
     def __len__(self) -> int:
-        self._ensure()
-        return len(self._names())
+        return len(self._ensure().names())
 
     def copy(self) -> dict[str, Any]:
         """A plain dict of every attribute (marks them all touched)."""
         return dict(self.items())
 
     def clear(self) -> None:
-        self._ensure()
-        for name in self._names():
+        for name in self._ensure().names():
             del self[name]
 
     def __repr__(self) -> str:
         if not self._loaded:
             return "<Session (not loaded)>"
-        return f"<Session {self._manager._log_id(self._id)} new={self._is_new} keys={self._names()!r}>"
+        s = self._s
+        return f"<Session {log_id(s.id)} new={s.is_new} keys={s.names()!r}>"
 
     __hash__ = None  # type: ignore[assignment]
 
     def __eq__(self, other: object) -> bool:
         return self is other
-
-    # -- end of request ------------------------------------------------------------
-
-    def _changes(self) -> Changes:
-        """Serialize the touched attributes and diff them against what was loaded.
-
-        Raises :class:`~sessionstore.errors.SerializationError` naming the path
-        of a value that cannot be serialized.
-        """
-        changes = Changes(removed=set(self._removed))
-        payload = self._payload
-        dumps = self._manager._encode_attribute
-        for name, value in self._values.items():
-            blob = dumps(self, value, name)
-            if payload is not None and name not in self._removed and name in payload:
-                if payload.blob(name) == blob:
-                    continue
-                if name not in self._assigned:
-                    changes.mutated.append(name)
-            changes.written[name] = blob
-        return changes

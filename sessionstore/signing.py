@@ -27,7 +27,7 @@ MAX_COOKIE_LENGTH = 256
 _SIG_LENGTH = 43  # HMAC-SHA256 in URL-safe base64
 
 
-class Verdict(str, Enum):
+class Verdict(Enum):
     """Why a cookie value was not accepted (its debug cause code)."""
 
     MALFORMED = "malformed-id"

@@ -40,7 +40,7 @@ def test_different_attributes_merge():
     b["y"] = 2
     m.commit(a)
     m.commit(b)
-    assert "concurrent-update" in b._state.causes and "conflicts" not in b._state.details
+    assert "concurrent-update" in b._record.causes and "conflicts" not in b._record.details
     assert dict(m.load(a.id)) == {"x": 1, "y": 2, "z": "keep"}
 
 
@@ -52,7 +52,7 @@ def test_same_attribute_last_writer_wins_and_is_named():
     b["x"] = 2
     m.commit(a)
     m.commit(b)
-    assert b._state.details["conflicts"] == ["x"]
+    assert b._record.details["conflicts"] == ["x"]
     assert m.load(a.id)["x"] == 2
 
 
@@ -102,7 +102,7 @@ def test_invalidated_session_is_not_resurrected_by_a_stale_save():
     m.commit(a)
     m.commit(b)
     assert m.load(sid) is None
-    assert b._state.details.get("destroyed_meanwhile") is True
+    assert b._record.details.get("destroyed_meanwhile") is True
 
 
 def test_merge_function():
