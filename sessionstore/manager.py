@@ -221,8 +221,10 @@ class SessionManager:
             if state is not None:
                 state.users += 1
                 session._s = state
-                session._record.source = "local"
-                return
+        if state is not None:
+            self.store.keep_alive(self.key(session_id), self._ttl(state.meta))  # type: ignore[attr-defined]
+            session._record.source = "local"
+            return
         self._load_id(session, session_id)
         if session._s.id is None:
             return

@@ -28,7 +28,7 @@ from .errors import (
 from .manager import CommitOutcome, SessionManager
 from .session import Session
 from .settings import Settings
-from .stores.base import close_counter, enter_counter, open_counter
+from .stores.base import Store, close_counter, enter_counter, open_counter
 
 __all__ = ["SessionMiddleware", "get_session"]
 
@@ -70,7 +70,9 @@ class SessionMiddleware:
     """Give a WSGI application a server-side session.
 
     ``SessionMiddleware(app, settings)`` or ``SessionMiddleware(app, **fields)``;
-    ``clock`` (``() -> epoch seconds``) replaces the time source, for tests.
+    ``clock`` (``() -> epoch seconds``) replaces the time source, for tests;
+    ``store`` is a store URL like any other field, or a ready
+    :class:`~sessionstore.stores.base.Store` object to use as it is.
     ``app.manager`` is the :class:`~sessionstore.manager.SessionManager`.
     """
 
@@ -80,15 +82,18 @@ class SessionMiddleware:
         settings: Settings | None = None,
         *,
         clock: Callable[[], float] | None = None,
+        store: "Store | str | None" = None,
         **fields: Any,
     ) -> None:
+        if isinstance(store, str):  # the settings field, given as a keyword
+            fields["store"], store = store, None
         if settings is None:
             settings = Settings(**fields)
         elif fields:
             settings = settings.replace(**fields)
         self.app = app
         self.settings = settings
-        self.manager = SessionManager(settings, clock=clock)
+        self.manager = SessionManager(settings, clock=clock, store=store)
         self._ignore = re.compile(settings.ignore_pattern).search if settings.ignore_pattern else None
         self._cookie_name = settings.cookie_name
 

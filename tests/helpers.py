@@ -6,9 +6,19 @@ import json
 from collections import Counter
 from typing import Any, Callable
 
+from werkzeug.test import Client
+
 from sessionstore import SessionMiddleware, get_session
 from sessionstore.stores.base import ANY
 from sessionstore.stores.memory import MemoryStore
+
+
+class ServerClient(Client):
+    """werkzeug's test client, closing each response body as a WSGI server does."""
+
+    def open(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("buffered", True)
+        return super().open(*args, **kwargs)
 
 
 class FakeClock:

@@ -22,6 +22,10 @@ __all__ = ["MemoryStore"]
 _SWEEP_BATCH = 16
 
 
+def _no_count(n: int = 1) -> None:
+    pass
+
+
 class MemoryStore:
     """A dictionary of ``key -> (data, version, expires_at)``."""
 
@@ -32,8 +36,11 @@ class MemoryStore:
         max_entries: int | None = None,
         max_bytes: int | None = None,
         on_evict: Callable[[str], None] | None = None,
+        counted: bool = True,
     ) -> None:
+        """``counted=False``: calls are not store commands of the request (a local cache)."""
         self._clock = clock
+        self._tally = count_ops if counted else _no_count
         self._max_entries = max_entries
         self._max_bytes = max_bytes
         self._on_evict = on_evict
@@ -84,13 +91,13 @@ class MemoryStore:
     # -- contract ------------------------------------------------------------
 
     def load(self, key: str) -> Record | None:
-        count_ops()
+        self._tally()
         with self._lock:
             entry = self._live(key, self._clock())
         return None if entry is None else Record(entry[0], entry[1])
 
     def load_and_touch(self, key: str, ttl: int | None) -> Record | None:
-        count_ops()
+        self._tally()
         with self._lock:
             now = self._clock()
             entry = self._live(key, now)
@@ -100,7 +107,7 @@ class MemoryStore:
         return Record(entry[0], entry[1])
 
     def save(self, key: str, data: bytes, ttl: int | None, expect: Any = ANY) -> SaveResult:
-        count_ops()
+        self._tally()
         data = bytes(data)
         with self._lock:
             now = self._clock()
@@ -121,7 +128,7 @@ class MemoryStore:
         return SaveResult(True, version=version)
 
     def touch(self, key: str, ttl: int | None) -> bool:
-        count_ops()
+        self._tally()
         with self._lock:
             now = self._clock()
             entry = self._live(key, now)
@@ -131,7 +138,7 @@ class MemoryStore:
         return True
 
     def delete(self, key: str, expect: Any = ANY) -> bool:
-        count_ops()
+        self._tally()
         with self._lock:
             entry = self._live(key, self._clock())
             if entry is None or (expect is not ANY and entry[1] != expect):
@@ -140,9 +147,7 @@ class MemoryStore:
         return True
 
     def close(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
+        """Nothing to release; the data stays (other users may share this store)."""
 
     # -- introspection (tests, sticky cache accounting) ------------------------
 

@@ -1,0 +1,184 @@
+"""The backup writer: copies sticky sessions to the shared store.
+
+``backup="sync"`` writes in the request thread, before the response is
+finished. ``backup="async"`` hands the write to a background thread and
+returns at once. Either way, when the store cannot be reached the operation
+is queued and retried with backoff until it lands; requests are never
+failed or blocked by the backup.
+
+The queue holds at most one operation per session key (a newer write or a
+delete replaces the pending one: writes coalesce), so its size is bounded by
+the number of sessions, and by ``max_pending`` beyond which the oldest
+pending operation is dropped with an error in the log. ``flush()`` (called
+by ``manager.close()`` and at interpreter exit) waits until the queue is
+empty.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import StoreError
+from .stores.base import Store
+
+__all__ = ["BackupWriter"]
+
+_log = logging.getLogger("sessionstore")
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    kind: str  # "save" | "touch" | "delete"
+    data: bytes | None = None
+    ttl: int | None = None
+
+
+class BackupWriter:
+    """Writes, touches and deletes session backups in ``store``."""
+
+    def __init__(self, store: Store, *, asynchronous: bool, max_pending: int = 100_000,
+                 max_backoff: float = 5.0) -> None:
+        self.store = store
+        self.asynchronous = asynchronous
+        self.max_pending = max_pending
+        self.max_backoff = max_backoff
+        self._pending: OrderedDict[str, _Op] = OrderedDict()
+        self._inflight: str | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.dropped = 0
+        self.failures = 0
+        _live_writers.add(self)
+
+    # -- operations ------------------------------------------------------------------
+
+    def save(self, key: str, data: bytes, ttl: int | None) -> bool:
+        return self._submit(key, _Op("save", data, ttl))
+
+    def touch(self, key: str, ttl: int | None) -> bool:
+        return self._submit(key, _Op("touch", None, ttl))
+
+    def delete(self, key: str) -> bool:
+        return self._submit(key, _Op("delete"))
+
+    @property
+    def pending(self) -> int:
+        """Operations waiting for the store."""
+        with self._cond:
+            return len(self._pending) + (self._inflight is not None)
+
+    def _submit(self, key: str, op: _Op) -> bool:
+        """Run ``op`` now (sync mode, store reachable) or queue it. True if it landed now."""
+        if not self.asynchronous:
+            with self._cond:
+                busy = bool(self._pending) or self._inflight is not None
+            if not busy:  # keep per-key order: never overtake queued work
+                try:
+                    _apply(self.store, key, op)
+                    return True
+                except StoreError as exc:
+                    self.failures += 1
+                    _log.warning("sessionstore: backup write failed, queued for retry: %s", exc)
+        self._enqueue(key, op)
+        return False
+
+    def _enqueue(self, key: str, op: _Op) -> None:
+        with self._cond:
+            if op.kind == "touch" and self._pending.get(key, op).kind == "save":
+                previous = self._pending[key]  # a pending save already carries data; refresh its TTL
+                op = _Op("save", previous.data, op.ttl)
+            self._pending.pop(key, None)
+            self._pending[key] = op
+            while len(self._pending) > self.max_pending:
+                dropped, _ = self._pending.popitem(last=False)
+                self.dropped += 1
+                _log.error("sessionstore: backup queue full (%d); dropped the pending backup of one session",
+                           self.max_pending)
+            self._ensure_thread()
+            self._cond.notify_all()
+
+    # -- background thread -------------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="sessionstore-backup", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                key, op = self._pending.popitem(last=False)
+                self._inflight = key
+            try:
+                _apply(self.store, key, op)
+                backoff = 0.05
+            except StoreError as exc:
+                self.failures += 1
+                with self._cond:
+                    if key not in self._pending:  # not superseded meanwhile: retry it first
+                        self._pending[key] = op
+                        self._pending.move_to_end(key, last=False)
+                    self._inflight = None
+                    _log.debug("sessionstore: backup store unavailable (%s); retrying in %.2fs", exc, backoff)
+                    self._cond.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+                continue
+            except Exception:  # a bug in a store must not kill the writer
+                _log.exception("sessionstore: backup operation failed")
+            with self._cond:
+                self._inflight = None
+                self._cond.notify_all()
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Wait until every queued operation has landed. False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._pending or self._inflight is not None:
+                if self._pending:
+                    self._ensure_thread()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(0.05 if remaining is None else min(0.05, remaining))
+        return True
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Flush, then stop the thread."""
+        if not self.flush(timeout):
+            _log.error("sessionstore: %d session backup(s) could not be written before close", self.pending)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        _live_writers.discard(self)
+
+
+def _apply(store: Store, key: str, op: _Op) -> Any:
+    if op.kind == "save":
+        return store.save(key, op.data, op.ttl)  # type: ignore[arg-type]
+    if op.kind == "touch":
+        if not store.touch(key, op.ttl):
+            _log.warning("sessionstore: backup to refresh was gone from the store")
+        return None
+    return store.delete(key)
+
+
+_live_writers: "weakref.WeakSet[BackupWriter]" = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for writer in list(_live_writers):
+        writer.flush(timeout=5.0)

@@ -1,0 +1,209 @@
+"""Sticky mode with nodes in one process sharing a store object (real servers: tests/integration)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from sessionstore import SessionMiddleware, get_session
+from sessionstore.sticky import BACKUP_SLACK
+
+from .helpers import CountingMemoryStore, FakeClock, json_app
+from .helpers import ServerClient as Client
+
+SECRET = "sticky-secret"
+
+
+def counter(session, environ):
+    session["n"] = session.get("n", 0) + 1
+    return {"n": session["n"], "id": session.id}
+
+
+def read(session, environ):
+    return {"n": session.get("n"), "id": session.id}
+
+
+HANDLERS = {
+    "/inc": counter,
+    "/read": read,
+    "/rotate": lambda s, e: (s.rotate(), s.id)[1],
+    "/logout": lambda s, e: s.invalidate(),
+}
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def shared(clock):
+    return CountingMemoryStore(clock=clock)
+
+
+@pytest.fixture
+def node(clock, shared):
+    def build(node_id: str, **fields):
+        fields.setdefault("secret_key", SECRET)
+        fields.setdefault("debug", True)
+        return SessionMiddleware(json_app(HANDLERS), mode="sticky", node_id=node_id, clock=clock,
+                                 store=shared, **fields)
+
+    return build
+
+
+def cookie(client: Client) -> str:
+    return client.get_cookie("session").value
+
+
+def move(client: Client, target: SessionMiddleware) -> Client:
+    """The same browser, now routed to another node."""
+    moved = Client(target)
+    moved.set_cookie("session", cookie(client))
+    return moved
+
+
+def test_id_carries_the_route(node):
+    client = Client(node("n1"))
+    body = client.get("/inc").json
+    assert body["id"].endswith(".n1") and cookie(client).endswith(".n1")
+
+
+def test_failover_moves_session_and_reissues_id(node, shared):
+    n1, n2 = node("n1"), node("n2")
+    c1 = Client(n1)
+    for _ in range(3):
+        c1.get("/inc")
+    old_id = c1.get("/read").json["id"]
+    assert n1.manager.key(old_id) in shared._entries
+    c2 = move(c1, n2)
+    response = c2.get("/read")
+    assert response.json["n"] == 3
+    assert "route-changed" in response.headers["X-Session-Debug"]
+    new_id = response.json["id"]
+    assert new_id.endswith(".n2") and new_id.split(".")[0] != old_id.split(".")[0]
+    assert cookie(c2).endswith(".n2")
+    assert n1.manager.key(old_id) not in shared._entries
+    assert n2.manager.key(new_id) in shared._entries
+    assert c2.get("/inc").json["n"] == 4
+
+
+def test_read_only_on_owner_costs_no_store_call_and_write_costs_one(node, shared):
+    n1 = node("n1")
+    client = Client(n1)
+    client.get("/inc")
+    before = shared.total
+    for _ in range(50):
+        client.get("/read")
+    assert shared.total == before
+    client.get("/inc")
+    assert shared.total == before + 1 and shared.calls["save"] == 2
+
+
+def test_restarted_node_loads_from_the_store(node):
+    client = Client(node("n1"))
+    client.get("/inc")
+    restarted = move(client, node("n1"))
+    response = restarted.get("/read")
+    assert response.json["n"] == 1
+    assert "source=store" in response.headers["X-Session-Debug"]
+    assert "Set-Cookie" not in response.headers  # same id, same route
+    assert "source=local" in restarted.get("/read").headers["X-Session-Debug"]
+
+
+def test_backup_expiry_is_refreshed_rarely(node, shared, clock):
+    n1 = node("n1", max_inactive=1000)
+    client = Client(n1)
+    client.get("/inc")
+    key = n1.manager.key(client.get("/read").json["id"])
+    touches = shared.calls["touch"]
+    for _ in range(1000):  # one request per second for 1000 s
+        clock.advance(1)
+        assert client.get("/read").json["n"] == 1
+        assert shared.ttl(key) is not None and shared.ttl(key) >= n1.manager.store.local.ttl(key)
+    refreshes = shared.calls["touch"] - touches
+    assert 1 <= refreshes <= 1000 / (1000 * BACKUP_SLACK) + 1
+    assert refreshes / 1000 <= 0.02
+
+
+def test_invalidate_and_rotate_remove_the_backup(node, shared):
+    n1 = node("n1")
+    client = Client(n1)
+    first = client.get("/inc").json["id"]
+    rotated = client.get("/rotate").json
+    assert n1.manager.key(first) not in shared._entries and n1.manager.key(rotated) in shared._entries
+    client.get("/logout")
+    assert n1.manager.key(rotated) not in shared._entries
+    assert n1.manager.key(rotated) not in n1.manager.store.local._entries
+
+
+def test_listeners_fire_once_per_lifetime_on_the_owner(node):
+    n1, n2 = node("n1"), node("n2")
+    events: list[tuple[str, str]] = []
+    for mw, name in ((n1, "n1"), (n2, "n2")):
+        for event in ("created", "destroyed", "id_changed"):
+            mw.manager.on(event, lambda e, name=name: events.append((name, e.name)))
+    c1 = Client(n1)
+    c1.get("/inc")
+    c1.get("/inc")
+    c2 = move(c1, n2)
+    c2.get("/inc")
+    c2.get("/logout")
+    assert events == [("n1", "created"), ("n2", "id_changed"), ("n2", "destroyed")]
+
+
+def test_async_backup_coalesces_and_close_flushes(node, shared):
+    n1 = node("n1", backup="async")
+    client = Client(n1)
+    for _ in range(20):
+        client.get("/inc")
+    n1.manager.close()
+    sid = client.get_cookie("session").value
+    key = n1.manager.key(n1.manager.signer.unsign(sid))
+    assert shared.load(key) is not None
+    assert shared.calls["save"] <= 20
+    other = move(client, node("n2"))
+    assert other.get("/read").json["n"] == 20
+
+
+def test_concurrent_requests_share_one_state_and_lose_nothing(clock, shared):
+    entered = threading.Barrier(4)
+
+    def app(environ, start_response):
+        session = get_session(environ)
+        session.setdefault("hits", []).append(environ["PATH_INFO"])
+        if environ["PATH_INFO"].startswith("/sync"):
+            entered.wait(5)
+        start_response("200 OK", [])
+        return [repr(id(session._s)).encode()]
+
+    mw = SessionMiddleware(app, mode="sticky", node_id="n1", secret_key=SECRET, store=shared)
+    first = Client(mw)
+    first.get("/start")
+    value = cookie(first)
+    states = []
+
+    def worker(i: int) -> None:
+        client = Client(mw)
+        client.set_cookie("session", value)
+        states.append(client.get(f"/sync{i}").get_data())
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(states)) == 1  # one session object state for the concurrent requests
+    hits = mw.manager.load(mw.manager.signer.unsign(value))["hits"]
+    assert sorted(hits) == ["/start", "/sync0", "/sync1", "/sync2", "/sync3"]
+
+
+def test_unknown_route_with_nothing_in_store_is_a_new_session(node):
+    n1 = node("n1")
+    from sessionstore.ids import new_id
+
+    client = Client(n1)
+    client.set_cookie("session", n1.manager.signer.sign(new_id("n9")))
+    response = client.get("/read")
+    assert response.json["n"] is None and "unknown-id" in response.headers["X-Session-Debug"]
