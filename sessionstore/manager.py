@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -29,15 +30,16 @@ from typing import Any, Callable, Mapping
 
 from . import ids
 from .debug import RequestRecord, log_id
-from .errors import ConflictError, CorruptPayload, SessionTooLarge, StoreUnavailable
+from .errors import ConfigError, ConflictError, CorruptPayload, LockTimeout, SessionTooLarge, StoreUnavailable
 from .events import Listeners, SessionEvent
-from .payload import Meta, Payload, decode, encode
+from .payload import NO_LINEAGE, Lineage, Meta, Payload, decode, encode
 from .serializers import Serializer, get_serializer
 from .session import Changes, Session, SessionState
 from .settings import Settings
 from .signing import CookieSigner, Verdict
 from .stores import open_store
-from .stores.base import Record, Store
+from .locking import LockPolicy, LockRenewer
+from .stores.base import LockingStore, Record, Store
 
 __all__ = ["SessionManager", "CommitOutcome", "merge"]
 
@@ -81,6 +83,12 @@ class SessionManager:
         self._prefix = settings.key_prefix
         self._live: dict[str, SessionState] = {}  # sticky: states shared by concurrent requests
         self._live_lock = threading.Lock()
+        self.lock_policy = LockPolicy(settings.locking)
+        self._renewer: LockRenewer | None = None
+        if settings.locking != "none":
+            if not isinstance(store, LockingStore):
+                raise ConfigError("locking", f"the {type(store).__name__} cannot hold session locks")
+            self._renewer = LockRenewer(store.renew, settings.lock_expiry)
 
     # -- public API ------------------------------------------------------------------
 
@@ -122,6 +130,8 @@ class SessionManager:
 
     def close(self) -> None:
         """Flush pending work (async backups) and close store connections."""
+        if self._renewer is not None:
+            self._renewer.close()
         self.store.close()
 
     def key(self, session_id: str) -> str:
@@ -130,12 +140,14 @@ class SessionManager:
 
     # -- request entry points ----------------------------------------------------------------
 
-    def open(self, cookie: str | None, record: RequestRecord) -> Session:
-        """A lazy session for a request that carried ``cookie`` (raw value or None)."""
-        return Session(self, cookie, record)
+    def open(self, cookie: str | None, record: RequestRecord, path: str = "") -> Session:
+        """A lazy session for a request on ``path`` that carried ``cookie`` (raw value or None)."""
+        return Session(self, cookie, record, path)
 
     def release(self, session: Session) -> None:
-        """The request is over: stop sharing its session state (sticky mode)."""
+        """The request is over: free its lock, stop sharing its state (sticky mode)."""
+        if session._lock is not None:
+            self._unlock(session)
         requested = session._requested_id
         if requested is None or not self._live:
             return
@@ -171,16 +183,51 @@ class SessionManager:
             return None
         return verdict
 
-    def _fetch(self, key: str, ttl: int | None) -> tuple[Record | None, str]:
+    def _fetch(self, session: Session, key: str, ttl: int | None) -> tuple[Record | None, str]:
         """The stored record (expiry slid) and where it came from (sticky: ``local``)."""
         if self.node_id is not None:
             return self.store.fetch(key, ttl)  # type: ignore[attr-defined]
+        if self._renewer is not None and self.lock_policy.should_lock(session._path):
+            return self._lock_and_load(session, key, ttl), "store"
         return self.store.load_and_touch(key, ttl), "store"
+
+    def _lock_and_load(self, session: Session, key: str, ttl: int | None) -> Record | None:
+        """Take the session lock (waiting up to ``lock_timeout``) and load in the same round trip."""
+        token = secrets.token_urlsafe(16)
+        store: LockingStore = self.store  # type: ignore[assignment]
+        started = time.monotonic()
+        deadline = started + self.settings.lock_timeout
+        delay = 0.002
+        while True:
+            acquired, stored = store.lock(key, token, self.settings.lock_expiry, load_ttl=ttl)
+            if acquired:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                session._record.details["lock_wait_ms"] = round((time.monotonic() - started) * 1000, 1)
+                raise LockTimeout(f"session lock not acquired within {self.settings.lock_timeout}s")
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.05)
+        waited = time.monotonic() - started
+        if waited > 0.001:
+            session._record.details["lock_wait_ms"] = round(waited * 1000, 1)
+        session._lock = (key, token)
+        self._renewer.hold(key, token)  # type: ignore[union-attr]
+        return stored
+
+    def _unlock(self, session: Session) -> None:
+        key, token = session._lock  # type: ignore[misc]
+        session._lock = None
+        self._renewer.drop(key, token)  # type: ignore[union-attr]
+        try:
+            self.store.unlock(key, token)  # type: ignore[attr-defined]
+        except StoreUnavailable as exc:  # the lock expires by itself
+            _log.warning("sessionstore: could not release a session lock: %s", exc)
 
     def _load_id(self, session: Session, session_id: str) -> None:
         """Load ``session_id`` (sliding its expiry) into ``session``."""
         key = self.key(session_id)
-        stored, source = self._fetch(key, self._default_ttl())
+        stored, source = self._fetch(session, key, self._default_ttl())
         if stored is None:
             session._record.add("unknown-id")
             return
@@ -205,10 +252,11 @@ class SessionManager:
             self.store.delete(self.key(session_id))
             self.listeners.emit(SessionEvent("destroyed", session_id, reason="expired"))
             return False
-        if stored.relocated:
-            record.add("relocated")
         s = session._s
         s.id, s.is_new, s.meta, s.payload, s.version = session_id, False, payload.meta, payload, stored.version
+        if stored.relocated:  # found on a fallback node: write it back to where it belongs now
+            record.add("relocated")
+            s.forced = True
         return True
 
     def _load_sticky(self, session: Session, session_id: str) -> None:
@@ -333,18 +381,23 @@ class SessionManager:
         if not session._loaded:
             return CommitOutcome()
         s = session._s
-        with s.lock:
-            changes = s.changes(self.serializer.dumps)
-            if changes.mutated:
-                session._record.add("mutated-in-place", mutated=changes.mutated)
-            self._drop_stale(session, "invalidated")  # logout holds even if the save below fails
-            if s.version is None:
-                stored = self._create(session, changes)
-            elif changes or s.forced or s.meta_changed or self.settings.dirty_check == "always":
-                stored = self._update(session, changes)
-            else:
-                stored = True
-            self._drop_stale(session, "rotated", "moved")  # once the data is safe under the new id
+        try:
+            with s.lock:
+                changes = s.changes(self.serializer.dumps)
+                if changes.mutated:
+                    session._record.add("mutated-in-place", mutated=changes.mutated)
+                self._drop_stale(session, "invalidated")  # logout holds even if the save below fails
+                if s.version is None:
+                    stored = self._create(session, changes)
+                elif changes or s.forced or s.meta_changed or self.settings.dirty_check == "always":
+                    stored = self._update(session, changes)
+                else:
+                    stored = True
+                self._drop_stale(session, "rotated", "moved")  # once the data is safe under the new id
+        finally:
+            if session._lock is not None:
+                self._unlock(session)
+        self.lock_policy.observe(session._path, modified=session._record.saved)
         return self._cookie_outcome(session, stored)
 
     def _cookie_outcome(self, session: Session, stored: bool) -> CommitOutcome:
@@ -396,7 +449,7 @@ class SessionManager:
         for attempt in range(_MAX_MERGE_ROUNDS):
             if attempt > 2:  # heavy contention: let the others through (jittered backoff)
                 time.sleep(random.uniform(0, 0.0005 * attempt))
-            result = self.store.save(key, data, self._ttl(s.meta), expect=expect)  # type: ignore[arg-type]
+            result = self._write(session, key, data, self._ttl(s.meta), expect)  # type: ignore[arg-type]
             if result.ok:
                 self._saved(session, data, result.version)
                 return True
@@ -406,6 +459,15 @@ class SessionManager:
                 return False
             data, expect = self._merge_into(session, changes, result.current.data), result.current.version
         raise StoreUnavailable("session kept changing under concurrent writers; gave up merging")
+
+    def _write(self, session: Session, key: str, data: bytes, ttl: int | None, expect: Any) -> Any:
+        """Conditional save; releases the session lock in the same round trip when held on ``key``."""
+        lock = session._lock
+        if lock is None or lock[0] != key:
+            return self.store.save(key, data, ttl, expect=expect)
+        session._lock = None
+        self._renewer.drop(*lock)  # type: ignore[union-attr]
+        return self.store.save_and_unlock(key, data, ttl, expect, lock[1])  # type: ignore[attr-defined]
 
     def _merge_into(self, session: Session, changes: Changes, theirs_data: bytes) -> bytes:
         record: RequestRecord = session._record
@@ -421,25 +483,30 @@ class SessionManager:
         )
         record.add("concurrent-update")
         if conflicts:
-            record.details["conflicts"] = sorted(set(record.details.get("conflicts", ())) | set(conflicts))
+            record.details["conflicts"] = sorted(conflicts)
+            # how many saves of each attribute this request's write replaces (lost updates)
+            record.details["overwritten"] = conflicts
             if self.settings.on_conflict == "error":
                 raise ConflictError(sorted(conflicts))
         meta = s.meta if theirs is None else _merged_meta(s, theirs.meta)
-        return self._finish_payload(meta, merged.items())  # type: ignore[arg-type]
+        return self._finish_payload(meta, [(name, blob, gen) for name, (blob, gen) in merged.items()])
 
     def _serialize(self, s: SessionState, changes: Changes, meta: Meta) -> bytes:
         payload = s.payload
-        blobs: list[tuple[str, bytes]] = []
+        blobs: list[tuple[str, bytes, int]] = []
         if payload is not None:
             data = payload.data
-            for name, start, end in payload.entries():
+            for name, start, end, (gen, lin) in payload.entries():
                 if name in changes.removed:
                     continue
                 blob = changes.written.get(name)
-                blobs.append((name, data[start:end] if blob is None else blob))
+                if blob is None:
+                    blobs.append((name, data[start:end], (gen, lin)))
+                else:
+                    blobs.append((name, blob, (gen + 1, lin + 1)))
         for name, blob in changes.written.items():
             if payload is None or name not in payload:
-                blobs.append((name, blob))
+                blobs.append((name, blob, (1, 1)))
         return self._finish_payload(meta, blobs)
 
     def _finish_payload(self, meta: Meta, blobs: Any) -> bytes:
@@ -455,26 +522,36 @@ class SessionManager:
 
 
 def merge(
-    base: Mapping[str, bytes], theirs: Mapping[str, bytes], changes: Changes
-) -> tuple[dict[str, bytes], list[str]]:
-    """Three-way merge of attribute blobs.
+    base: Mapping[str, tuple[bytes, Lineage]],
+    theirs: Mapping[str, tuple[bytes, Lineage]],
+    changes: Changes,
+) -> tuple[dict[str, tuple[bytes, Lineage]], dict[str, int]]:
+    """Three-way merge of attributes, each given as ``(blob, (generation, lineage))``.
 
     ``base`` is what this request loaded, ``theirs`` what the store holds now,
     ``changes`` what this request did. Returns the merged attributes and the
-    names both sides changed differently (conflicts, resolved here in favour
-    of this request: last writer wins).
+    conflicts: for each attribute both sides changed, the net number of
+    updates this request's write replaces (lost to last-writer-wins). It is
+    the lineage this write removes minus what it restores: a write from an
+    older base can bring back updates another overwrite had removed, so the
+    number can be zero or negative, and summed over all writes it is exactly
+    the number of lost updates. Both sides writing equal values is still a
+    conflict: two increments of a counter from the same base write equal
+    values, and one of them is lost.
     """
     merged = dict(theirs)
-    conflicts: list[str] = []
+    conflicts: dict[str, int] = {}
     for name, blob in changes.written.items():
-        other = theirs.get(name)
-        if other != base.get(name) and other != blob:
-            conflicts.append(name)
-        merged[name] = blob
+        their_gen, their_lin = theirs.get(name, (b"", NO_LINEAGE))[1]
+        base_gen, base_lin = base.get(name, (b"", NO_LINEAGE))[1]
+        if their_gen != base_gen or (name in theirs) != (name in base):
+            conflicts[name] = their_lin - base_lin
+        merged[name] = (blob, (their_gen + 1, base_lin + 1))
     for name in changes.removed:
-        other = theirs.get(name)
-        if other is not None and other != base.get(name):
-            conflicts.append(name)
+        if name in theirs:
+            (their_gen, their_lin), (base_gen, base_lin) = theirs[name][1], base.get(name, (b"", NO_LINEAGE))[1]
+            if their_gen != base_gen:
+                conflicts[name] = their_lin - base_lin
         merged.pop(name, None)
     return merged, conflicts
 

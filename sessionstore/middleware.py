@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 from typing import Any, Callable, Iterable
 
 from werkzeug.http import dump_cookie
@@ -103,7 +102,8 @@ class SessionMiddleware:
         record = RequestRecord()
         counter, token = open_counter()
         try:
-            session = self.manager.open(_read_cookie(environ.get("HTTP_COOKIE"), self._cookie_name), record)
+            cookie = _read_cookie(environ.get("HTTP_COOKIE"), self._cookie_name)
+            session = self.manager.open(cookie, record, environ.get("PATH_INFO", ""))
             environ[self.settings.environ_key] = session
             if self.settings.environ_key != _DEFAULT_KEY:
                 environ[_KEY_POINTER] = self.settings.environ_key
@@ -112,7 +112,7 @@ class SessionMiddleware:
             try:
                 body = self.app(environ, response.start_response)
             except (LockTimeout, StoreUnavailable) as exc:
-                return response.fail(exc)
+                return response.fail(exc)  # releases the session
             except BaseException:
                 self.manager.release(session)
                 raise
@@ -222,7 +222,9 @@ class _Response:
     def fail(self, exc: BaseException) -> Iterable[bytes]:
         """The app let a store error escape: answer with the matching error response."""
         status, headers, body = self._failure_response(exc)
-        self._start(status, headers, (type(exc), exc, exc.__traceback__))
+        # exc_info only when replacing headers the app already started (PEP 3333)
+        exc_info = (type(exc), exc, exc.__traceback__) if self._committed else None
+        self._start(status, headers, exc_info)
         self._finish()
         return [body]
 

@@ -6,9 +6,16 @@ Layout::
 
 ``meta`` is small JSON (creation time, timeout, serializer, external ids,
 total blob size). ``index`` has one line per attribute,
-``\\n<name as a JSON string>\\x1f<offset>\\x1f<length>``, offsets relative
-to the start of the blobs (JSON-escaped names never hold a raw control
-character, so the separators are unambiguous). Each blob is one attribute, encoded by the serializer
+``\\n<name as a JSON string>\\x1f<offset>\\x1f<length>\\x1f<generation>\\x1f<lineage>``,
+offsets relative to the start of the blobs (JSON-escaped names never hold a
+raw control character, so the separators are unambiguous).
+
+An attribute's *generation* counts the saves that changed it: comparing
+generations tells which attributes a concurrent request changed. Its
+*lineage* counts the writes whose effect the current value still carries
+(a write that replaces a concurrent one starts from its own, older base):
+the difference of lineages is how many updates a last-writer-wins overwrite
+loses. Each blob is one attribute, encoded by the serializer
 named in the meta.
 
 A request that reads one attribute finds its line with one ``bytes.find``
@@ -27,7 +34,7 @@ from typing import Iterable
 
 from .errors import CorruptPayload
 
-__all__ = ["Meta", "Payload", "encode", "decode"]
+__all__ = ["Meta", "Payload", "Lineage", "NO_LINEAGE", "encode", "decode"]
 
 _MAGIC = b"SS2"
 _LEN = struct.Struct(">I")
@@ -47,6 +54,10 @@ class Meta:
 
 _SEP = b"\x1f"
 
+#: ``(generation, lineage)`` of an attribute.
+Lineage = tuple[int, int]
+NO_LINEAGE: Lineage = (0, 0)
+
 
 def _index_key(name: str) -> bytes:
     return b"\n" + encode_basestring_ascii(name).encode("ascii") + _SEP
@@ -62,11 +73,11 @@ class Payload:
         self.data = data
         self._index = index
         self._blobs_at = blobs_at
-        self._found: dict[str, tuple[int, int] | None] = {}
-        self._entries: list[tuple[str, int, int]] | None = None
+        self._found: dict[str, tuple[int, int, Lineage] | None] = {}
+        self._entries: list[tuple[str, int, int, Lineage]] | None = None
 
-    def span(self, name: str) -> tuple[int, int] | None:
-        """``(start, end)`` of attribute ``name`` in ``data``, or None if absent."""
+    def _locate(self, name: str) -> tuple[int, int, Lineage] | None:
+        """``(start, end, (generation, lineage))`` of attribute ``name``, or None if absent."""
         try:
             return self._found[name]
         except KeyError:
@@ -74,17 +85,30 @@ class Payload:
         index = self._index
         key = _index_key(name)
         pos = index.find(key)
-        span = None
+        found = None
         if pos >= 0:
             start = pos + len(key)
             end = index.find(b"\n", start)
-            offset, length = index[start: None if end < 0 else end].split(_SEP)
-            begin = self._blobs_at + int(offset)
-            span = (begin, begin + int(length))
-            if span[1] > len(self.data):
+            try:
+                offset, length, generation, lineage = index[start: None if end < 0 else end].split(_SEP)
+                begin = self._blobs_at + int(offset)
+                found = (begin, begin + int(length), (int(generation), int(lineage)))
+            except ValueError:
+                raise CorruptPayload(f"bad index entry for attribute {name!r}") from None
+            if found[1] > len(self.data):
                 raise CorruptPayload(f"attribute {name!r} runs past the end of the payload")
-        self._found[name] = span
-        return span
+        self._found[name] = found
+        return found
+
+    def span(self, name: str) -> tuple[int, int] | None:
+        """``(start, end)`` of attribute ``name`` in ``data``, or None if absent."""
+        found = self._locate(name)
+        return None if found is None else (found[0], found[1])
+
+    def lineage(self, name: str) -> Lineage:
+        """``(generation, lineage)`` of attribute ``name`` (``(0, 0)`` when absent)."""
+        found = self._locate(name)
+        return NO_LINEAGE if found is None else found[2]
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.span(name) is not None
@@ -95,8 +119,8 @@ class Payload:
             raise KeyError(name)
         return self.data[span[0]:span[1]]
 
-    def entries(self) -> list[tuple[str, int, int]]:
-        """``(name, start, end)`` of every attribute, in stored order (one C-speed parse)."""
+    def entries(self) -> list[tuple[str, int, int, Lineage]]:
+        """``(name, start, end, (generation, lineage))`` of every attribute, in stored order."""
         if self._entries is None:
             if not self._index:
                 self._entries = []
@@ -105,31 +129,32 @@ class Payload:
             try:
                 rows = json.loads(as_json)
                 at, size = self._blobs_at, len(self.data)
-                entries = [(str(n), at + int(o), at + int(o) + int(ln)) for n, o, ln in rows]
+                entries = [(str(n), at + int(o), at + int(o) + int(ln), (int(g), int(li)))
+                           for n, o, ln, g, li in rows]
             except (ValueError, TypeError) as exc:
                 raise CorruptPayload(f"bad attribute index: {exc}") from None
-            if any(end > size for _, _, end in entries):
+            if any(end > size for _, _, end, _ in entries):
                 raise CorruptPayload("an attribute runs past the end of the payload")
             self._entries = entries
         return self._entries
 
     def names(self) -> list[str]:
         """Every attribute name, in stored order."""
-        return [name for name, _, _ in self.entries()]
+        return [entry[0] for entry in self.entries()]
 
-    def blobs(self) -> dict[str, bytes]:
-        """Every attribute blob by name."""
+    def blobs(self) -> dict[str, tuple[bytes, Lineage]]:
+        """Every attribute's ``(blob, (generation, lineage))`` by name."""
         data = self.data
-        return {name: data[start:end] for name, start, end in self.entries()}
+        return {name: (data[start:end], lin) for name, start, end, lin in self.entries()}
 
 
-def encode(meta: Meta, blobs: Iterable[tuple[str, bytes]]) -> bytes:
-    """Serialize ``meta`` and ``(name, blob)`` pairs into one payload."""
+def encode(meta: Meta, blobs: Iterable[tuple[str, bytes, Lineage]]) -> bytes:
+    """Serialize ``meta`` and ``(name, blob, (generation, lineage))`` triples into one payload."""
     lines: list[bytes] = []
     parts: list[bytes] = []
     offset = 0
-    for name, blob in blobs:
-        lines.append(b"%s%d\x1f%d" % (_index_key(name), offset, len(blob)))
+    for name, blob, (generation, lineage) in blobs:
+        lines.append(b"%s%d\x1f%d\x1f%d\x1f%d" % (_index_key(name), offset, len(blob), generation, lineage))
         parts.append(blob)
         offset += len(blob)
     head = {"c": meta.created, "l": meta.last_accessed, "i": meta.max_inactive, "s": meta.serializer, "b": offset}

@@ -120,14 +120,18 @@ class Session(MutableMapping[str, Any]):
     load the session if it is not loaded yet, like any data access.
     """
 
-    __slots__ = ("_manager", "_cookie", "_record", "_loaded", "_requested_id", "_s", "__weakref__")
+    __slots__ = ("_manager", "_cookie", "_record", "_path", "_loaded", "_requested_id", "_lock", "_s",
+                 "__weakref__")
 
-    def __init__(self, manager: "SessionManager", cookie: str | None, record: "RequestRecord") -> None:
+    def __init__(self, manager: "SessionManager", cookie: str | None, record: "RequestRecord",
+                 path: str = "") -> None:
         self._manager = manager
         self._cookie = cookie  # raw cookie value, verified on first touch
         self._record = record
+        self._path = path  # the request path (lock policy)
         self._loaded = False
         self._requested_id: str | None = None  # the verified id the client sent
+        self._lock: tuple[str, str] | None = None  # (session key, owner token) while locked
         self._s = SessionState()
 
     # -- loading --------------------------------------------------------------

@@ -108,16 +108,21 @@ def test_invalidated_session_is_not_resurrected_by_a_stale_save():
 def test_merge_function():
     changes = Changes(written={"a": b"A2", "c": b"C1"}, removed={"d"})
     merged, conflicts = merge(
-        base={"a": b"A1", "b": b"B1", "d": b"D1"},
-        theirs={"a": b"A1", "b": b"B2", "d": b"D1", "e": b"E1"},
+        base={"a": (b"A1", (1, 1)), "b": (b"B1", (1, 1)), "d": (b"D1", (1, 1))},
+        theirs={"a": (b"A1", (1, 1)), "b": (b"B2", (2, 2)), "d": (b"D1", (1, 1)), "e": (b"E1", (1, 1))},
         changes=changes,
     )
-    assert merged == {"a": b"A2", "b": b"B2", "c": b"C1", "e": b"E1"}
-    assert conflicts == []
-    _, conflicts = merge(base={"a": b"1"}, theirs={"a": b"2"}, changes=Changes(written={"a": b"3"}))
-    assert conflicts == ["a"]
-    _, conflicts = merge(base={"a": b"1"}, theirs={"a": b"2"}, changes=Changes(written={"a": b"2"}))
-    assert conflicts == []  # both wrote the same value
+    assert merged == {"a": (b"A2", (2, 2)), "b": (b"B2", (2, 2)), "c": (b"C1", (1, 1)), "e": (b"E1", (1, 1))}
+    assert conflicts == {}
+
+
+def test_merge_counts_the_updates_an_overwrite_loses():
+    # two clean updates since our base: our write loses both
+    _, conflicts = merge(base={"a": (b"1", (1, 1))}, theirs={"a": (b"3", (3, 3))}, changes=Changes(written={"a": b"2"}))
+    assert conflicts == {"a": 2}
+    # two saves since our base, but the second already overwrote the first: one effect left to lose
+    _, conflicts = merge(base={"a": (b"1", (1, 1))}, theirs={"a": (b"2", (3, 2))}, changes=Changes(written={"a": b"2"}))
+    assert conflicts == {"a": 1}  # equal values are still a conflict: two increments, one lost
 
 
 def test_threads_incrementing_own_attributes_lose_nothing():

@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable
 
-from .base import ANY, Record, SaveResult, count_ops
+from .base import ANY, NO_LOAD, Record, SaveResult, count_ops
 
 __all__ = ["MemoryStore"]
 
@@ -48,6 +48,7 @@ class MemoryStore:
         self._bytes = 0
         self._lock = threading.Lock()
         self._versions = itertools.count(1)
+        self._locks: dict[str, tuple[str, float]] = {}  # session key -> (owner token, expires at)
 
     # -- helpers (lock held) -------------------------------------------------
 
@@ -148,6 +149,48 @@ class MemoryStore:
 
     def close(self) -> None:
         """Nothing to release; the data stays (other users may share this store)."""
+
+    # -- session locks (LockingStore) -----------------------------------------------
+
+    def lock(self, key: str, token: str, expiry: float, load_ttl: Any = NO_LOAD) -> tuple[bool, Record | None]:
+        with self._lock:
+            now = self._clock()
+            held = self._locks.get(key)
+            if held is not None and held[1] > now:
+                self._tally()
+                return False, None
+            self._locks[key] = (token, now + expiry)
+        if load_ttl is NO_LOAD:
+            self._tally()
+            return True, None
+        return True, self.load_and_touch(key, load_ttl)
+
+    def renew(self, key: str, token: str, expiry: float) -> bool:
+        self._tally()
+        with self._lock:
+            now = self._clock()
+            held = self._locks.get(key)
+            if held is None or held[0] != token or held[1] <= now:
+                return False
+            self._locks[key] = (token, now + expiry)
+            return True
+
+    def unlock(self, key: str, token: str) -> bool:
+        self._tally()
+        with self._lock:
+            held = self._locks.get(key)
+            if held is None or held[0] != token:
+                return False
+            del self._locks[key]
+            return held[1] > self._clock()
+
+    def save_and_unlock(self, key: str, data: bytes, ttl: int | None, expect: Any, token: str) -> SaveResult:
+        result = self.save(key, data, ttl, expect)
+        with self._lock:
+            held = self._locks.get(key)
+            if held is not None and held[0] == token:
+                del self._locks[key]
+        return result
 
     # -- introspection (tests, sticky cache accounting) ------------------------
 
