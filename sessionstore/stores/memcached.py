@@ -1,0 +1,626 @@
+"""Memcached store: a consistent-hash ring of nodes, each session on two of them.
+
+URL: ``memcached://h1:p1,h2:p2?failover=h3:p3&timeout=0.5&connect_timeout=0.5&retry_after=5&pool_size=32``.
+
+Placement
+    The primary nodes form a ring of 160 md5 points per node (ketama style,
+    keyed by ``host:port``, so every process that lists the same servers, in
+    any order, places a key identically). A key's *preference list* is the
+    ring walked clockwise from the md5 of the key, each node once. Its *live
+    list* drops the nodes this process marked dead; when no primary node is
+    live it is the failover ring instead (``?failover=`` nodes are used only
+    then). The first live node holds the *primary copy*, the second the
+    *backup copy* (memcached-session-manager's non-sticky layout). A node is
+    marked dead on a connection error or timeout and skipped for
+    ``retry_after`` seconds of the injected clock; then it is tried again.
+    No live node for a key: :class:`~sessionstore.errors.StoreUnavailable`.
+
+Copies and versions
+    Each copy carries its role in the memcached client flags (1 primary, 2
+    backup). The version token is :class:`Version` ``(node, cas)``: the node
+    the record was read from and that copy's CAS unique. Memcached 1.6.18 has
+    no way to give two nodes the same CAS (meta ``E`` arrived later), so the
+    token names the copy it belongs to and a save checks it on that copy.
+
+    ``load`` is ``gets`` and ``load_and_touch`` is ``gats`` on the primary
+    node: one command. On a miss there the backup node is asked too (an
+    unknown or expired id costs 2). A record is ``relocated`` when it came
+    from the backup node, or from a backup copy that now sits first in the
+    live list (its primary died and nobody saved it since).
+
+    ``save`` with ``ANY`` / ``None`` / a version of the primary copy is a
+    meta set (``ms``: set / add / compare-and-swap, returning the new CAS) on
+    the primary, then a plain ``ms`` of the backup copy: 2 commands, so a
+    modifying request costs ``gats`` + 2 = 3. A failed condition returns
+    ``current`` read with ``load`` (extra commands only on that path).
+
+    A version of a *backup* copy (a relocated record) is saved in the other
+    order: compare-and-swap on the backup copy (the check on what was read),
+    then ``add`` on the primary (the primary held nothing when the record was
+    read; every other writer writes the primary first, so a failed ``add``
+    means someone saved meanwhile, and the backup copy just written is taken
+    back with a CAS-conditional delete). A version naming a node that is no
+    longer first or second in the live list (the ring changed between load
+    and save) fails with ``current``; the caller merges as for any conflict.
+
+Node restarts, stale copies, known limits
+    * A primary that restarted empty: its keys are read from the backup node
+      (``relocated``) and the next save writes both copies again.
+    * A dead primary: the backup node is first in the live list, so reads go
+      there directly and the next save there is a plain CAS; the record stays
+      ``relocated`` until that save rewrites it as a primary copy.
+    * The backup is written after the primary and is not atomic with it: if
+      the process dies between the two, or the backup node dropped the key,
+      the backup is one version behind. Losing the primary then loses that
+      last write; the version check still refuses stale overwrites.
+    * ``load_and_touch`` slides only the primary copy's expiry (the read-only
+      cost target is one command); ``save`` and ``touch`` refresh both. A
+      session that is only read for longer than its TTL has no backup left.
+    * A node that was unreachable but kept its data (a partition, not a
+      restart) serves its older copies again when it is retried. Restart
+      (flush) such a node before it rejoins. Processes that disagree on which
+      nodes are alive can write different pairs; both sides stay CAS-checked
+      only against their own copies.
+    * ``delete`` removes the key from the first three live nodes (primary,
+      backup, and where the backup lived before a single failover), so an
+      invalidated session does not come back from an old backup copy when a
+      node fails later. A conditional delete checks the version on its copy
+      first; in the moment between that and the other deletes a reader sees
+      the session as relocated.
+
+Locks
+    ``companion_key(key, "lock")`` lives on the session's primary node only,
+    holding the owner token: ``lock`` is an ``add`` with the expiry rounded
+    up to whole seconds (then ``gats`` of the session when asked: 2
+    commands); ``renew`` and ``unlock`` read the lock with ``gets``, compare
+    the token and then ``ms``/``md`` with that CAS, so they never touch a
+    lock someone else took meanwhile. If the primary node dies the lock is
+    lost and another request may take one on the next node; the version check
+    still protects the data.
+
+Connections
+    One bounded pool of pymemcache clients per node (``pool_size``), with
+    ``TCP_NODELAY`` (Nagle otherwise stalls a request ~40 ms), timeouts, and
+    one transparent retry when a pooled connection turns out to be closed
+    (the node restarted behind it). Absolute expiry (TTL over 30 days) uses
+    the wall clock, which is the server's; the injected clock only times
+    ``retry_after``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, TypeVar
+from urllib.parse import parse_qsl, urlsplit
+
+from pymemcache.client.base import Client
+from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
+
+from ..errors import ConfigError, StoreError, StoreUnavailable
+from .base import ANY, NO_LOAD, Record, SaveResult, companion_key, count_ops
+
+__all__ = ["MemcachedStore", "Version"]
+
+log = logging.getLogger("sessionstore.memcached")
+
+T = TypeVar("T")
+
+#: Client flags marking which copy an item is.
+_PRIMARY = 1
+_BACKUP = 2
+#: Memcached reads larger expiry values as an absolute unix time.
+_MAX_RELATIVE_TTL = 30 * 24 * 3600
+_KEY = re.compile(r"[\x21-\x7e]{1,250}")
+_POINTS_PER_NODE = 160
+#: Live nodes a key needs at most: primary, backup, the pre-failover backup.
+_SPREAD = 3
+_DEFAULT_PORT = 11211
+#: A pooled connection the server closed behind our back.
+_STALE = (MemcacheUnexpectedCloseError, ConnectionResetError, BrokenPipeError)
+
+
+class Version(NamedTuple):
+    """Version token: the node a copy was read from and that copy's CAS unique."""
+
+    node: str
+    cas: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    data: bytes
+    flags: int
+    cas: int
+
+
+def _wire_key(key: Any) -> bytes:
+    """``key`` as protocol bytes, or ``ValueError`` if memcached cannot hold it."""
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise ValueError(
+            "memcached key must be a str of 1-250 printable ASCII characters "
+            f"without whitespace or control characters, got {key!r:.80}"
+        )
+    return key.encode("ascii")
+
+
+def _exptime(ttl: float | None) -> int:
+    """Memcached exptime for ``ttl`` seconds: 0 never expires, -1 already expired."""
+    if ttl is None:
+        return 0
+    seconds = math.ceil(ttl)
+    if seconds <= 0:
+        return -1
+    if seconds > _MAX_RELATIVE_TTL:
+        return int(time.time()) + seconds
+    return seconds
+
+
+def _lock_exptime(expiry: float) -> int:
+    """Lock expiry rounded up to whole seconds, at least 1."""
+    return _exptime(max(1, math.ceil(expiry)))
+
+
+def _hash(data: bytes) -> int:
+    return int.from_bytes(hashlib.md5(data, usedforsecurity=False).digest()[:4], "big")
+
+
+# -- wire --------------------------------------------------------------------
+
+
+class _RawSerde:
+    """Values stay bytes; reads hand back ``(bytes, flags)``."""
+
+    def serialize(self, key: bytes, value: bytes) -> tuple[bytes, int]:
+        return value, 0
+
+    def deserialize(self, key: bytes, value: bytes, flags: int) -> tuple[bytes, int]:
+        return value, flags
+
+
+class _Wire(Client):
+    """A pymemcache client with the commands pymemcache 4.0 lacks (gats, meta)."""
+
+    def fetch(self, key: bytes, exptime: int | None) -> _Item | None:
+        """``gets`` (``exptime`` None) or ``gats exptime``."""
+        name = b"gets" if exptime is None else b"gats %d" % exptime
+        found = self._fetch_cmd(name, [key], True)
+        if key not in found:
+            return None
+        (data, flags), cas = found[key]
+        return _Item(data, flags, int(cas))
+
+    def meta_set(
+        self, key: bytes, data: bytes, exptime: int, flags: int, mode: bytes, cas: int | None
+    ) -> int | None:
+        """``ms`` in ``mode`` (S set, E add), compared to ``cas`` if given.
+
+        Returns the new CAS, or None when not stored (NS, EX, NF).
+        """
+        options = b"T%d F%d M%s c" % (exptime, flags, mode)
+        if cas is not None:
+            options += b" C%d" % cas
+        line = self.raw_command(b"ms %s %d %s\r\n%s" % (key, len(data), options, data))
+        status, _, rest = line.partition(b" ")
+        return int(rest[1:]) if status == b"HD" else None
+
+    def meta_delete(self, key: bytes, cas: int) -> bool:
+        """``md key C<cas>``: delete only if the item still has that CAS."""
+        return self.raw_command(b"md %s C%d" % (key, cas)) == b"HD"
+
+
+class _NodeDown(Exception):
+    def __init__(self, node: "_Node") -> None:
+        super().__init__(node.name)
+        self.node = node
+
+
+@dataclass(frozen=True)
+class _Options:
+    timeout: float = 0.5
+    connect_timeout: float = 0.5
+    retry_after: float = 5.0
+    pool_size: int = 32
+
+
+class _Node:
+    """One memcached server: a bounded connection pool and a dead-until mark."""
+
+    def __init__(self, name: str, address: tuple[str, int], options: _Options) -> None:
+        self.name = name
+        self.dead_until = 0.0
+        self._address = address
+        self._options = options
+        self._idle: list[_Wire] = []
+        self._guard = threading.Lock()
+        self._slots = threading.BoundedSemaphore(options.pool_size)
+
+    def alive(self, now: float) -> bool:
+        return now >= self.dead_until
+
+    def call(self, op: Callable[[_Wire], T]) -> T:
+        """Run ``op`` on a pooled connection; ``_NodeDown`` if the server is unreachable."""
+        wait = self._options.connect_timeout + self._options.timeout
+        if not self._slots.acquire(timeout=wait):
+            raise StoreUnavailable(f"memcached {self.name}: no free connection within {wait}s")
+        try:
+            client = self._checkout()
+            try:
+                return self._attempt(client, op)
+            except BaseException:
+                client.close()  # never hand back a connection left mid-response
+                raise
+            finally:
+                with self._guard:
+                    self._idle.append(client)
+        finally:
+            self._slots.release()
+
+    def _attempt(self, client: _Wire, op: Callable[[_Wire], T]) -> T:
+        retry_stale = client.sock is not None
+        while True:
+            try:
+                result = op(client)
+            except _STALE as exc:
+                client.close()
+                if not retry_stale:
+                    raise _NodeDown(self) from exc
+                retry_stale = False
+                continue
+            except OSError as exc:
+                raise _NodeDown(self) from exc
+            except MemcacheError as exc:
+                raise StoreError(f"memcached {self.name}: {type(exc).__name__}: {str(exc)[:120]}") from None
+            count_ops()
+            return result
+
+    def _checkout(self) -> _Wire:
+        with self._guard:
+            if self._idle:
+                return self._idle.pop()
+        return _Wire(
+            self._address,
+            serde=_RawSerde(),
+            connect_timeout=self._options.connect_timeout,
+            timeout=self._options.timeout,
+            no_delay=True,
+            default_noreply=False,
+        )
+
+    def close(self) -> None:
+        """Close the idle connections (ones in use close when they fail)."""
+        with self._guard:
+            idle, self._idle = self._idle, []
+        for client in idle:
+            client.close()
+
+
+class _Ring:
+    """Consistent-hash ring of nodes; ``walk`` yields each node once, clockwise."""
+
+    def __init__(self, nodes: Iterable[_Node]) -> None:
+        points = sorted(
+            ((_hash(b"%s-%d" % (node.name.encode(), i)), node) for node in nodes for i in range(_POINTS_PER_NODE)),
+            key=lambda point: (point[0], point[1].name),
+        )
+        self._hashes = [h for h, _ in points]
+        self._owners = [node for _, node in points]
+        self._size = len({node.name for node in self._owners})
+
+    def walk(self, key: bytes) -> Iterator[_Node]:
+        start = bisect.bisect(self._hashes, _hash(key))
+        seen: set[str] = set()
+        count = len(self._owners)
+        for i in range(count):
+            node = self._owners[(start + i) % count]
+            if node.name not in seen:
+                seen.add(node.name)
+                yield node
+                if len(seen) == self._size:
+                    return
+
+
+# -- URL ---------------------------------------------------------------------
+
+
+_HOST = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[^\s:\[\]@/,?#]+))(?::(?P<port>\d{1,5}))?")
+
+
+def _parse_hosts(text: str) -> list[tuple[str, int]]:
+    """``h1:p1,h2,[::1]:p3`` as (host, port) pairs (port 11211 by default)."""
+    hosts = []
+    for part in text.split(","):
+        match = _HOST.fullmatch(part.strip())
+        port = int(match["port"] or _DEFAULT_PORT) if match else 0
+        if not 0 < port < 65536:
+            raise ConfigError("store", f"bad memcached node {part!r}: expected host:port")
+        hosts.append((match["v6"] or match["name"], port))
+    return hosts
+
+
+_OPTION_PARSERS: dict[str, tuple[Callable[[str], Any], Callable[[Any], bool], str]] = {
+    "timeout": (float, lambda v: v > 0, "a number > 0"),
+    "connect_timeout": (float, lambda v: v > 0, "a number > 0"),
+    "retry_after": (float, lambda v: v >= 0, "a number >= 0"),
+    "pool_size": (int, lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+def _parse_option(name: str, text: str) -> Any:
+    if name not in _OPTION_PARSERS:
+        accepted = ", ".join(["failover", *_OPTION_PARSERS])
+        raise ConfigError("store", f"unknown memcached option {name!r} (accepted: {accepted})")
+    convert, valid, expected = _OPTION_PARSERS[name]
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or not valid(value) or (isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError("store", f"memcached option {name}={text!r}: expected {expected}")
+    return value
+
+
+def _node_name(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- store -------------------------------------------------------------------
+
+
+class MemcachedStore:
+    """Sessions on a memcached ring, each with a backup copy (see the module docs)."""
+
+    def __init__(
+        self,
+        servers: Iterable[tuple[str, int]],
+        *,
+        failover: Iterable[tuple[str, int]] = (),
+        timeout: float = 0.5,
+        connect_timeout: float = 0.5,
+        retry_after: float = 5.0,
+        pool_size: int = 32,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        options = _Options(timeout, connect_timeout, retry_after, pool_size)
+        primaries = [_Node(_node_name(h, p), (h, p), options) for h, p in servers]
+        standby = [_Node(_node_name(h, p), (h, p), options) for h, p in failover]
+        names = [node.name for node in primaries + standby]
+        if not primaries:
+            raise ConfigError("store", "memcached needs at least one server")
+        if len(set(names)) != len(names):
+            raise ConfigError("store", f"memcached servers listed twice: {names}")
+        self._nodes = primaries + standby
+        self._rings = [_Ring(primaries)] + ([_Ring(standby)] if standby else [])
+        self._retry_after = retry_after
+        self._clock = clock
+
+    @classmethod
+    def from_url(cls, url: str, *, clock: Callable[[], float] = time.time) -> "MemcachedStore":
+        """Build from ``memcached://h1:p1,h2:p2?failover=h3:p3&timeout=...``."""
+        try:
+            parts = urlsplit(url)
+            query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+        except ValueError as exc:
+            raise ConfigError("store", f"bad memcached URL {url!r}: {exc}") from None
+        if parts.scheme != "memcached" or parts.path not in ("", "/") or parts.fragment:
+            raise ConfigError("store", f"bad memcached URL {url!r}: expected memcached://host:port,...")
+        names = [name for name, _ in query]
+        if len(set(names)) != len(names):
+            raise ConfigError("store", f"memcached URL repeats an option: {url!r}")
+        params = dict(query)
+        failover = _parse_hosts(params.pop("failover")) if "failover" in params else []
+        options = {name: _parse_option(name, text) for name, text in params.items()}
+        return cls(_parse_hosts(parts.netloc), failover=failover, clock=clock, **options)
+
+    # -- placement -----------------------------------------------------------
+
+    def _live(self, key: bytes) -> list[_Node]:
+        """The first live nodes of ``key``'s preference list (failover ring if no primary is up)."""
+        now = self._clock()
+        for ring in self._rings:
+            nodes = list(islice((n for n in ring.walk(key) if n.alive(now)), _SPREAD))
+            if nodes:
+                return nodes
+        return []
+
+    def _mark_dead(self, node: _Node) -> None:
+        now = self._clock()
+        if node.alive(now):
+            log.warning("memcached %s unreachable; skipped for %.1fs", node.name, self._retry_after)
+        node.dead_until = now + self._retry_after
+        node.close()
+
+    def _run(self, key: bytes, op: Callable[[list[_Node]], T]) -> T:
+        """``op(live nodes of key)``, again on the new live list after a node fails."""
+        for _ in range(len(self._nodes) + 1):
+            nodes = self._live(key)
+            if not nodes:
+                break
+            try:
+                return op(nodes)
+            except _NodeDown as down:
+                self._mark_dead(down.node)
+        raise StoreUnavailable("no memcached node that could hold this key is reachable")
+
+    def _reach(self, node: _Node, op: Callable[[_Wire], T]) -> T | _NodeDown:
+        """``node.call(op)``, or the failure (the node is marked dead) instead of raising it."""
+        try:
+            return node.call(op)
+        except _NodeDown as down:
+            self._mark_dead(node)
+            return down
+
+    def _on_each(self, nodes: Iterable[_Node], op: Callable[[_Wire], bool]) -> bool:
+        """``op`` on every node, skipping the unreachable: did any return True?
+
+        Raises the last ``_NodeDown`` if no node answered (``_run`` then retries).
+        """
+        answers = [self._reach(node, op) for node in nodes]
+        if answers and all(isinstance(a, _NodeDown) for a in answers):
+            raise answers[-1]
+        return any(a is True for a in answers)
+
+    # -- reads ---------------------------------------------------------------
+
+    def load(self, key: str) -> Record | None:
+        """``gets`` on the primary node (and the backup node on a miss)."""
+        wire = _wire_key(key)
+        return self._run(wire, lambda nodes: self._read(nodes, wire, None))
+
+    def load_and_touch(self, key: str, ttl: int | None) -> Record | None:
+        """``gats`` on the primary node (and the backup node on a miss)."""
+        wire, exptime = _wire_key(key), _exptime(ttl)
+        return self._run(wire, lambda nodes: self._read(nodes, wire, exptime))
+
+    def _read(self, nodes: list[_Node], key: bytes, exptime: int | None) -> Record | None:
+        for position, node in enumerate(nodes[:2]):
+            item = node.call(lambda w: w.fetch(key, exptime))
+            if item is not None:
+                relocated = position > 0 or item.flags == _BACKUP
+                return Record(item.data, Version(node.name, item.cas), relocated)
+        return None
+
+    # -- writes --------------------------------------------------------------
+
+    def save(self, key: str, data: bytes, ttl: int | None, expect: Any = ANY) -> SaveResult:
+        """Write the primary copy (conditionally on ``expect``), then the backup copy."""
+        wire, data, exptime = _wire_key(key), bytes(data), _exptime(ttl)
+        written = self._run(wire, lambda nodes: self._commit(nodes, wire, data, exptime, expect))
+        if written is None:
+            return SaveResult(False, current=self.load(key))
+        primary, cas, backed_up = written
+        if not backed_up:
+            self._write_backup(wire, primary, data, exptime)
+        return SaveResult(True, version=Version(primary.name, cas))
+
+    def _commit(
+        self, nodes: list[_Node], key: bytes, data: bytes, exptime: int, expect: Any
+    ) -> tuple[_Node, int, bool] | None:
+        """The conditional write. Returns (primary node, new CAS, backup written) or None."""
+        primary = nodes[0]
+        if expect is ANY or expect is None:
+            cas = self._put(primary, key, data, exptime, _PRIMARY, b"S" if expect is ANY else b"E")
+        elif isinstance(expect, Version) and expect.node == primary.name:
+            cas = self._put(primary, key, data, exptime, _PRIMARY, b"S", expect.cas)
+        elif isinstance(expect, Version) and len(nodes) > 1 and expect.node == nodes[1].name:
+            return self._commit_relocated(primary, nodes[1], key, data, exptime, expect.cas)
+        else:
+            return None
+        return None if cas is None else (primary, cas, False)
+
+    def _commit_relocated(
+        self, primary: _Node, backup: _Node, key: bytes, data: bytes, exptime: int, expect: int
+    ) -> tuple[_Node, int, bool] | None:
+        """Save a record read from the backup copy: CAS there, then ``add`` on the primary."""
+        backup_cas = self._put(backup, key, data, exptime, _BACKUP, b"S", expect)
+        if backup_cas is None:
+            return None
+        cas = self._put(primary, key, data, exptime, _PRIMARY, b"E")
+        if cas is None:  # someone saved the primary meanwhile: take our backup copy back
+            backup.call(lambda w: w.meta_delete(key, backup_cas))
+            return None
+        return primary, cas, True
+
+    def _write_backup(self, key: bytes, primary: _Node, data: bytes, exptime: int) -> None:
+        """Set the backup copy on the next live node after ``primary``, if there is one."""
+        write = lambda w: w.meta_set(key, data, exptime, _BACKUP, b"S", None)  # noqa: E731
+        for _ in range(len(self._nodes)):
+            backup = next((n for n in self._live(key) if n is not primary), None)
+            if backup is None or not isinstance(self._reach(backup, write), _NodeDown):
+                return
+
+    @staticmethod
+    def _put(
+        node: _Node, key: bytes, data: bytes, exptime: int, flags: int, mode: bytes, cas: int | None = None
+    ) -> int | None:
+        return node.call(lambda w: w.meta_set(key, data, exptime, flags, mode, cas))
+
+    def touch(self, key: str, ttl: int | None) -> bool:
+        """Slide the expiry of both copies; False if neither exists."""
+        wire, exptime = _wire_key(key), _exptime(ttl)
+        touch = lambda w: w.touch(wire, exptime, noreply=False)  # noqa: E731
+        return self._run(wire, lambda nodes: self._on_each(nodes[:2], touch))
+
+    def delete(self, key: str, expect: Any = ANY) -> bool:
+        """Remove the key from the first three live nodes (conditionally on its version)."""
+        wire = _wire_key(key)
+        if expect is ANY:
+            return self._run(wire, lambda nodes: self._purge(nodes, wire))
+        if not isinstance(expect, Version):
+            return False
+        return self._run(wire, lambda nodes: self._delete_version(nodes, wire, expect))
+
+    def _purge(self, nodes: list[_Node], key: bytes) -> bool:
+        """Delete from ``nodes`` in reverse order, so the primary copy goes last."""
+        return self._on_each(reversed(nodes), lambda w: w.delete(key, noreply=False))
+
+    def _delete_version(self, nodes: list[_Node], key: bytes, expect: Version) -> bool:
+        owner = next((n for n in nodes[:2] if n.name == expect.node), None)
+        if owner is None or not owner.call(lambda w: w.meta_delete(key, expect.cas)):
+            return False
+        others = [n for n in nodes if n is not owner]
+        if others:
+            self._purge(others, key)
+        return True
+
+    def close(self) -> None:
+        for node in self._nodes:
+            node.close()
+
+    # -- locks ---------------------------------------------------------------
+
+    def lock(self, key: str, token: str, expiry: float, load_ttl: Any = NO_LOAD) -> tuple[bool, Record | None]:
+        """``add`` the lock on the session's primary node, then ``gats`` the session if asked."""
+        wire, lock, owner = self._lock_args(key, token)
+        exptime = _lock_exptime(expiry)
+        acquired = self._run(wire, lambda nodes: self._put(nodes[0], lock, owner, exptime, 0, b"E") is not None)
+        if not acquired or load_ttl is NO_LOAD:
+            return acquired, None
+        return True, self.load_and_touch(key, load_ttl)
+
+    def renew(self, key: str, token: str, expiry: float) -> bool:
+        """Extend the lock to ``expiry`` seconds from now if ``token`` still owns it."""
+        wire, lock, owner = self._lock_args(key, token)
+        exptime = _lock_exptime(expiry)
+
+        def extend(cas: int, client: _Wire) -> bool:
+            return client.meta_set(lock, owner, exptime, 0, b"S", cas) is not None
+
+        return self._run(wire, lambda nodes: self._if_owner(nodes[0], lock, owner, extend))
+
+    def unlock(self, key: str, token: str) -> bool:
+        """Delete the lock if ``token`` owns it (a CAS-conditional meta delete)."""
+        wire, lock, owner = self._lock_args(key, token)
+
+        def release(cas: int, client: _Wire) -> bool:
+            return client.meta_delete(lock, cas)
+
+        return self._run(wire, lambda nodes: self._if_owner(nodes[0], lock, owner, release))
+
+    def save_and_unlock(self, key: str, data: bytes, ttl: int | None, expect: Any, token: str) -> SaveResult:
+        """``save`` then ``unlock`` (pymemcache cannot pipeline commands to two nodes)."""
+        result = self.save(key, data, ttl, expect)
+        self.unlock(key, token)
+        return result
+
+    @staticmethod
+    def _lock_args(key: str, token: str) -> tuple[bytes, bytes, bytes]:
+        """(session key, lock key, owner token) as protocol bytes, validated."""
+        if not isinstance(token, str) or not token:
+            raise ValueError("lock token must be a non-empty str")
+        return _wire_key(key), _wire_key(companion_key(key, "lock")), token.encode()
+
+    @staticmethod
+    def _if_owner(node: _Node, lock: bytes, owner: bytes, act: Callable[[int, _Wire], bool]) -> bool:
+        """``act(cas, client)`` on the lock if it holds ``owner``; the CAS makes it race-free."""
+        item = node.call(lambda client: client.fetch(lock, None))
+        if item is None or item.data != owner:
+            return False
+        return node.call(lambda client: act(item.cas, client))
