@@ -40,6 +40,7 @@ from .signing import CookieSigner, Verdict
 from .stores import open_store
 from .locking import LockPolicy, LockRenewer
 from .stores.base import LockingStore, Record, Store
+from .tombstones import Tombstones
 
 __all__ = ["SessionManager", "CommitOutcome", "merge"]
 
@@ -83,6 +84,7 @@ class SessionManager:
         self._prefix = settings.key_prefix
         self._live: dict[str, SessionState] = {}  # sticky: states shared by concurrent requests
         self._live_lock = threading.Lock()
+        self.tombstones = Tombstones(self.store, self.clock)
         self.lock_policy = LockPolicy(settings.locking)
         self._renewer: LockRenewer | None = None
         if settings.locking != "none":
@@ -123,8 +125,10 @@ class SessionManager:
         """Destroy the stored session ``session_id`` (from any node). True if it existed."""
         if not ids.is_valid(session_id):
             return False
-        deleted = self.store.delete(self.key(session_id))
+        key = self.key(session_id)
+        deleted = self.store.delete(key)
         if deleted:
+            self.tombstones.destroyed(key, "invalidated", self._default_ttl())
             self.listeners.emit(SessionEvent("destroyed", session_id, reason="invalidated"))
         return deleted
 
@@ -229,7 +233,7 @@ class SessionManager:
         key = self.key(session_id)
         stored, source = self._fetch(session, key, self._default_ttl())
         if stored is None:
-            session._record.add("unknown-id")
+            self._missing(session, key)
             return
         if self._adopt(session, session_id, stored):
             meta = session._s.meta
@@ -249,7 +253,9 @@ class SessionManager:
             return False
         if self._past_max_age(payload.meta):
             record.add("expired", expired="max_age")
-            self.store.delete(self.key(session_id))
+            key = self.key(session_id)
+            self.store.delete(key)
+            self.tombstones.destroyed(key, "expired", self._default_ttl())
             self.listeners.emit(SessionEvent("destroyed", session_id, reason="expired"))
             return False
         s = session._s
@@ -283,9 +289,10 @@ class SessionManager:
 
     def _failover(self, session: Session, session_id: str) -> None:
         """A session owned by another node arrived here: take it over under our route."""
-        stored = self.store.load_backup(self.key(session_id), self._default_ttl())  # type: ignore[attr-defined]
+        key = self.key(session_id)
+        stored = self.store.load_backup(key, self._default_ttl())  # type: ignore[attr-defined]
         if stored is None:
-            session._record.add("unknown-id")
+            self._missing(session, key)
             return
         if not self._adopt(session, session_id, stored):
             return
@@ -296,6 +303,13 @@ class SessionManager:
         s.forced = True
         session._record.add("route-changed", previous_route=ids.split_route(session_id)[1])
         session._record.source = "failover"
+
+    def _missing(self, session: Session, key: str) -> None:
+        cause, note = self.tombstones.diagnose(key)
+        if note is None:
+            session._record.add(cause)
+        else:
+            session._record.add(cause, missing=note)
 
     def _start_new(self, session: Session) -> None:
         now = self.clock()
@@ -417,11 +431,14 @@ class SessionManager:
             return
         s.stale_ids[:] = [item for item in s.stale_ids if item[1] not in reasons]
         for old_id, why in stale:
-            self.store.delete(self.key(old_id))
+            key = self.key(old_id)
+            self.store.delete(key)
             if why == "invalidated":
+                self.tombstones.destroyed(key, "invalidated", self._default_ttl())
                 self.listeners.emit(SessionEvent("destroyed", old_id, reason="invalidated"))
-            else:
-                self.listeners.emit(SessionEvent("id_changed", s.id, old_id=old_id))  # type: ignore[arg-type]
+                continue
+            self.tombstones.destroyed(key, "replaced", self._default_ttl())
+            self.listeners.emit(SessionEvent("id_changed", s.id, old_id=old_id))  # type: ignore[arg-type]
 
     def _create(self, session: Session, changes: Changes) -> bool:
         """Store a session under an id nothing is stored under yet (new, rotated, moved).
@@ -431,11 +448,13 @@ class SessionManager:
         s = session._s
         if not changes.written and not s.forced and s.payload is None:
             return False
+        key, ttl = self.key(s.id), self._ttl(s.meta)  # type: ignore[arg-type]
+        tombstone = self._tombstone_due(s.meta, ttl)  # type: ignore[arg-type]
         data = self._serialize(s, changes, s.meta)  # type: ignore[arg-type]
-        result = self.store.save(self.key(s.id), data, self._ttl(s.meta), expect=None)  # type: ignore[arg-type]
+        result = self.store.save(key, data, ttl, expect=None)
         if not result.ok:  # 256 random bits collided: give up rather than overwrite
             raise StoreUnavailable("session id collision; refusing to overwrite another session")
-        self._saved(session, data, result.version)
+        self._saved(session, data, result.version, key, ttl, tombstone)
         if s.is_new:
             self.listeners.emit(SessionEvent("created", s.id))  # type: ignore[arg-type]
         return True
@@ -443,15 +462,16 @@ class SessionManager:
     def _update(self, session: Session, changes: Changes) -> bool:
         """Conditional save; on a concurrent write, merge and retry."""
         s = session._s
-        key = self.key(s.id)  # type: ignore[arg-type]
+        key, ttl = self.key(s.id), self._ttl(s.meta)  # type: ignore[arg-type]
+        tombstone = self._tombstone_due(s.meta, ttl)  # type: ignore[arg-type]
         data = self._serialize(s, changes, s.meta)  # type: ignore[arg-type]
         expect = s.version
         for attempt in range(_MAX_MERGE_ROUNDS):
             if attempt > 2:  # heavy contention: let the others through (jittered backoff)
                 time.sleep(random.uniform(0, 0.0005 * attempt))
-            result = self._write(session, key, data, self._ttl(s.meta), expect)  # type: ignore[arg-type]
+            result = self._write(session, key, data, ttl, expect)
             if result.ok:
-                self._saved(session, data, result.version)
+                self._saved(session, data, result.version, key, ttl, tombstone)
                 return True
             if result.current is None:
                 # Destroyed (invalidated, expired) by someone else: never resurrect it.
@@ -516,9 +536,19 @@ class SessionManager:
             raise SessionTooLarge(len(data), self.settings.max_size)
         return data
 
-    def _saved(self, session: Session, data: bytes, version: Any) -> None:
+    def _tombstone_due(self, meta: Meta, ttl: int | None) -> float | None:
+        """If this save should refresh the tombstone, stamp ``meta`` and return the time."""
+        if not self.tombstones.due(meta, ttl):
+            return None
+        meta.tombstoned = self.clock()
+        return meta.tombstoned
+
+    def _saved(self, session: Session, data: bytes, version: Any, key: str, ttl: int | None,
+               tombstone: float | None) -> None:
         session._s.saved(decode(data), version)
         session._record.saved = True
+        if tombstone is not None:
+            self.tombstones.alive(key, ttl, tombstone)
 
 
 def merge(

@@ -50,6 +50,8 @@ class Meta:
     serializer: str
     #: External ids recorded with ``session.index(name, value)``.
     index: dict[str, list[str]] = field(default_factory=dict)
+    #: When this session's tombstone was last refreshed (0: never).
+    tombstoned: float = 0.0
 
 
 _SEP = b"\x1f"
@@ -160,6 +162,8 @@ def encode(meta: Meta, blobs: Iterable[tuple[str, bytes, Lineage]]) -> bytes:
     head = {"c": meta.created, "l": meta.last_accessed, "i": meta.max_inactive, "s": meta.serializer, "b": offset}
     if meta.index:
         head["x"] = meta.index
+    if meta.tombstoned:
+        head["t"] = meta.tombstoned
     meta_bytes = json.dumps(head, separators=(",", ":")).encode("ascii")
     index = b"".join(lines)
     return b"".join([_MAGIC, _LEN.pack(len(meta_bytes)), meta_bytes, _LEN.pack(len(index)), index, *parts])
@@ -180,7 +184,8 @@ def decode(data: bytes) -> Payload:
         index_start = meta_end + 4
         blobs_at = index_start + index_len
         head = json.loads(data[7:meta_end])
-        meta = Meta(float(head["c"]), float(head["l"]), int(head["i"]), str(head["s"]), head.get("x") or {})
+        meta = Meta(float(head["c"]), float(head["l"]), int(head["i"]), str(head["s"]), head.get("x") or {},
+                    float(head.get("t", 0.0)))
         total = int(head["b"])
     except (struct.error, ValueError, KeyError, TypeError) as exc:
         raise CorruptPayload(f"bad payload header: {exc}") from None

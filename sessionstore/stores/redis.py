@@ -1,0 +1,567 @@
+"""Redis store: standalone, TLS, Sentinel and Cluster, one code path.
+
+One key per session. The value is the version followed by the payload::
+
+    <16 lowercase hex digits: version><payload bytes>
+
+The version is a random 64-bit token drawn by the client on every save, so it
+changes on every write (even when a deleted key is created again, which a
+counter restarting at 1 would not do) and stays the same on touch, which
+never rewrites the value. Scripts read it with ``GETRANGE key 0 15`` so a
+successful conditional write never copies the payload into Lua.
+
+Every method is one round trip and one command, counted once with
+:func:`~sessionstore.stores.base.count_ops`:
+
+=====================  ===================================================
+``load``               ``GET``
+``load_and_touch``     ``GETEX key PX ms`` (``GETEX key PERSIST``)
+``save``               ``EVALSHA`` of the save script
+``touch``              ``PEXPIRE`` (``EVALSHA`` of a PERSIST script)
+``delete``             ``DEL`` (``EVALSHA`` when conditional)
+``lock``               ``SET lock token NX PX ms GET`` (``EVALSHA`` with load)
+``renew``, ``unlock``  ``EVALSHA`` (owner-only)
+``save_and_unlock``    ``EVALSHA`` of the save script
+=====================  ===================================================
+
+A value and its expiry are always written by the same command (``SET … PX``,
+or ``SET`` without ``PX`` for ``ttl=None``), so no key ever exists without
+its TTL. Scripts are sent with ``EVALSHA``; on ``NOSCRIPT`` (a fresh server,
+a failover) redis-py loads the script once (three commands, still counted
+as one) and uses ``EVALSHA`` afterwards.
+
+redis-py retries a command after a connection error or timeout, so a call
+may reach the server twice. Saving and locking are idempotent for that: a
+save whose stored version already is its own new version succeeds, and a
+token that already holds the lock gets it.
+
+Requires Redis 7.0 or later (``GETEX``, ``SET … NX GET``). The store only
+differs between deployments in how the redis-py client is
+built (:meth:`RedisStore.from_url`); Cluster works because a session key
+``<prefix>{<id>}`` and its companions ``<prefix>{<id>}:<suffix>`` share a
+hash slot.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Union
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from redis import Redis
+from redis.backoff import EqualJitterBackoff, NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.commands.core import Script
+from redis.exceptions import (
+    ClusterError,
+    ConnectionError,
+    RedisClusterException,
+    RedisError,
+    ReadOnlyError,
+    SlotNotCoveredError,
+    TimeoutError,
+    TryAgainError,
+)
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from ..errors import ConfigError, CorruptPayload, StoreError, StoreUnavailable
+from .base import ANY, NO_LOAD, Record, SaveResult, companion_key, count_ops
+
+__all__ = ["RedisStore"]
+
+#: A redis-py client the store can drive.
+Client = Union[Redis, RedisCluster]
+
+_VERSION_LEN = 16
+_VERSION_RE = re.compile(rb"[0-9a-f]{16}")
+#: ``expect`` as the save script sees it: ``*`` any, empty absent, else a version.
+_EXPECT_ANY = "*"
+_EXPECT_ABSENT = ""
+
+# -- scripts -----------------------------------------------------------------
+# Scripts are built without a client (their source is bytes, so no encoder is
+# needed) and run with ``script(keys, args, client=...)``: EVALSHA, and on
+# NOSCRIPT one SCRIPT LOAD (on every primary, for Cluster) then EVALSHA.
+
+#: KEYS: session[, lock]. ARGV: expect, value, ttl ms or '' (none)[, token].
+#: Writes if the stored version matches ``expect`` (see ``_EXPECT_*``) or
+#: already is the new value's (a retried call whose first attempt was
+#: applied), then releases the lock if ``token`` owns it, whether or not the
+#: write happened. Returns ``{1}``, or ``{0, current value or nil}``.
+_SAVE = Script(None, b"""
+local stored = redis.call('GETRANGE', KEYS[1], 0, 15)
+local ok = ARGV[1] == '*' or stored == ARGV[1] or stored == string.sub(ARGV[2], 1, 16)
+if ok and ARGV[3] == '' then
+  redis.call('SET', KEYS[1], ARGV[2])
+elseif ok then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+if KEYS[2] and redis.call('GET', KEYS[2]) == ARGV[4] then
+  redis.call('DEL', KEYS[2])
+end
+if ok then return {1} end
+return {0, redis.call('GET', KEYS[1])}
+""")
+
+#: KEYS: session, lock. ARGV: token, lock expiry ms, session ttl ms or ''.
+#: Takes the lock if free (or already ``token``'s), then loads and touches
+#: the session. Returns ``{0}`` or ``{1, value or nil}``.
+_LOCK = Script(None, b"""
+local holder = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')
+if holder and holder ~= ARGV[1] then return {0} end
+if ARGV[3] == '' then return {1, redis.call('GETEX', KEYS[1], 'PERSIST')} end
+return {1, redis.call('GETEX', KEYS[1], 'PX', ARGV[3])}
+""")
+
+#: KEYS: lock. ARGV: token, new expiry ms or '' to release.
+#: Acts only if ``token`` owns the lock; returns 1 if it acted, else 0.
+_OWNER = Script(None, b"""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then return redis.call('DEL', KEYS[1]) end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+""")
+
+#: KEYS: session. ARGV: version. Deletes if the stored version is that one.
+_DELETE_IF = Script(None, b"""
+if redis.call('GETRANGE', KEYS[1], 0, 15) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+""")
+
+#: KEYS: session. Removes the expiry; 1 if the key exists (PERSIST alone
+#: answers 0 for a key that has no expiry).
+_PERSIST = Script(None, b"""
+if redis.call('PERSIST', KEYS[1]) == 1 then return 1 end
+return redis.call('EXISTS', KEYS[1])
+""")
+
+# -- errors ------------------------------------------------------------------
+
+#: Failures meaning "cannot reach a server that can answer": connection
+#: refused or reset, timeouts, no master known to Sentinel (these are all
+#: ``ConnectionError``), cluster down, slot not served, writes refused by a
+#: demoted master.
+_UNAVAILABLE = (
+    ConnectionError,
+    TimeoutError,
+    ClusterError,
+    SlotNotCoveredError,
+    TryAgainError,
+    ReadOnlyError,
+)
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """Re-raise redis-py failures as :class:`StoreUnavailable` or :class:`StoreError`."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailable(f"redis: {exc}") from exc
+    except (RedisError, RedisClusterException) as exc:
+        raise StoreError(f"redis: {exc}") from exc
+
+
+# -- value format ------------------------------------------------------------
+
+
+def _new_version() -> str:
+    return secrets.token_hex(_VERSION_LEN // 2)
+
+
+def _record(raw: bytes | None) -> Record | None:
+    """Split a stored value into a :class:`Record`; ``None`` stays ``None``.
+
+    :raise CorruptPayload: the value does not start with a version.
+    """
+    if raw is None:
+        return None
+    if not _VERSION_RE.match(raw):
+        raise CorruptPayload("redis: stored value has no version header")
+    return Record(raw[_VERSION_LEN:], raw[:_VERSION_LEN].decode("ascii"))
+
+
+def _ms(seconds: float) -> int:
+    """Seconds to whole milliseconds, at least 1 (``PX 0`` is an error)."""
+    return max(1, round(seconds * 1000))
+
+
+def _ttl_arg(ttl: float | None) -> int | str:
+    """A script's ttl argument: milliseconds, or ``''`` for no expiry."""
+    return "" if ttl is None else _ms(ttl)
+
+
+def _expect_arg(expect: Any) -> Any:
+    if expect is ANY:
+        return _EXPECT_ANY
+    return _EXPECT_ABSENT if expect is None else expect
+
+
+class RedisStore:
+    """Sessions in Redis, Redis Sentinel or Redis Cluster.
+
+    Implements :class:`~sessionstore.stores.base.Store` and
+    :class:`~sessionstore.stores.base.LockingStore`. Thread-safe: the
+    redis-py client keeps a connection pool shared by all threads.
+
+    :param client: a redis-py :class:`~redis.Redis` or
+        :class:`~redis.cluster.RedisCluster`, or a callable returning one. A
+        callable is called on first use (again after :meth:`close`), so a
+        cluster that is down when the application starts makes requests fail
+        with :class:`StoreUnavailable` instead of failing the start-up. The
+        store owns the client: :meth:`close` closes it.
+    """
+
+    def __init__(self, client: Client | Callable[[], Client]) -> None:
+        self._connect: Callable[[], Client] = (
+            (lambda: client) if isinstance(client, (Redis, RedisCluster)) else client
+        )
+        self._client: Client | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, *, clock: Callable[[], float] = time.time) -> "RedisStore":
+        """Build a store from a URL.
+
+        ``redis://[[user]:password@]host[:port][/db]``,
+        ``rediss://…`` (TLS), ``redis+sentinel://[[user]:password@]h1:p1,h2:p2/<master>[/<db>]``
+        (the password is the master's; sentinel port defaults to 26379),
+        ``redis+cluster://[[user]:password@]h1:p1,h2:p2``.
+
+        Query options: ``socket_timeout`` (seconds, default 1),
+        ``socket_connect_timeout`` (default 1), ``max_connections`` (per
+        server; default unbounded, one per concurrently busy thread; past
+        it a call fails with :class:`StoreUnavailable` rather than waiting),
+        ``retries`` (attempts after a connection error or timeout, with
+        exponential backoff capped at ``retry_backoff`` seconds; default 3 and
+        0.5 — raise both to ride out a Sentinel failover instead of failing
+        the requests made during it), ``health_check_interval`` (seconds
+        idle after which a pooled connection is PINGed before use; default 0,
+        off). ``rediss`` also takes ``ssl_cert_reqs`` (``none``, ``optional``,
+        ``required``), ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` and
+        ``ssl_check_hostname`` (``true``/``false``).
+
+        ``clock`` is accepted for a signature shared with the other stores;
+        Redis expires keys on its own clock.
+
+        :raise ConfigError: (field ``store``) the URL is malformed or names an
+            unknown option.
+        """
+        del clock
+        return cls(_parse_url(url).connector())
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _redis(self) -> Client:
+        """The client, built on first use (RedisCluster connects when built)."""
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._built()
+                client = self._client
+        return client
+
+    def _built(self) -> Client:
+        try:
+            return self._connect()
+        except RedisClusterException as exc:  # no startup node reachable
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    def _command(self, *args: Any, **options: Any) -> Any:
+        """Send one command; its reply as redis-py parses it (``options`` steer the parser)."""
+        count_ops()
+        with _translated():
+            return self._redis().execute_command(*args, **options)
+
+    def _script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        """Run ``script`` with EVALSHA (one command); its raw reply."""
+        count_ops()
+        with _translated():
+            return script(keys, args, client=self._redis())
+
+    def _save(self, keys: list[str], data: bytes, ttl: int | None, expect: Any, *extra: Any) -> SaveResult:
+        version = _new_version()
+        value = version.encode("ascii") + bytes(data)
+        reply = self._script(_SAVE, keys, [_expect_arg(expect), value, _ttl_arg(ttl), *extra])
+        if reply[0] == 1:
+            return SaveResult(True, version=version)
+        return SaveResult(False, current=_record(reply[1]))
+
+    # -- Store ---------------------------------------------------------------
+
+    def load(self, key: str) -> Record | None:
+        """The record under ``key`` (``GET``); the expiry is left alone."""
+        return _record(self._command("GET", key))
+
+    def load_and_touch(self, key: str, ttl: int | None) -> Record | None:
+        """The record under ``key``, its expiry slid to ``ttl`` (one ``GETEX``)."""
+        expiry = ("PERSIST",) if ttl is None else ("PX", _ms(ttl))
+        return _record(self._command("GETEX", key, *expiry))
+
+    def save(self, key: str, data: bytes, ttl: int | None, expect: Any = ANY) -> SaveResult:
+        """Write ``data`` with ``ttl`` if the stored version is ``expect``.
+
+        One script call: on a failed condition the reply carries the stored
+        value, returned as ``current``.
+        """
+        return self._save([key], data, ttl, expect)
+
+    def touch(self, key: str, ttl: int | None) -> bool:
+        """Slide the expiry (``PEXPIRE``; a script for ``ttl=None``); ``False`` if the key is gone."""
+        if ttl is None:
+            return self._script(_PERSIST, [key], []) == 1
+        return bool(self._command("PEXPIRE", key, _ms(ttl)))
+
+    def delete(self, key: str, expect: Any = ANY) -> bool:
+        """Delete ``key`` (only if its version is ``expect``, when given).
+
+        ``False`` if nothing was deleted; ``expect=None`` (absent) never
+        deletes anything and sends nothing.
+        """
+        if expect is ANY:
+            return self._command("DEL", key) > 0
+        if expect is None:
+            return False
+        return self._script(_DELETE_IF, [key], [expect]) == 1
+
+    def close(self) -> None:
+        """Close the client's connections (and Sentinel's). The store reconnects if used again."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            _close(client)
+
+    # -- LockingStore ----------------------------------------------------------
+
+    def lock(
+        self, key: str, token: str, expiry: float, load_ttl: Any = NO_LOAD
+    ) -> tuple[bool, Record | None]:
+        """Take the lock ``companion_key(key, "lock")`` if free, for ``expiry`` seconds.
+
+        Without ``load_ttl`` this is ``SET lock token NX PX ms GET``; with
+        it, one script that also does ``load_and_touch(key, load_ttl)`` once
+        the lock is taken. A ``token`` that already holds the lock gets it
+        (a call retried after a timeout must not lock its own caller out);
+        tokens must therefore be unique per holder.
+        """
+        lock_key = companion_key(key, "lock")
+        if load_ttl is NO_LOAD:
+            holder = self._command("SET", lock_key, token, "NX", "PX", _ms(expiry), "GET", get=True)
+            return holder is None or holder == token.encode(), None
+        reply = self._script(_LOCK, [key, lock_key], [token, _ms(expiry), _ttl_arg(load_ttl)])
+        return (True, _record(reply[1])) if reply[0] == 1 else (False, None)
+
+    def renew(self, key: str, token: str, expiry: float) -> bool:
+        """Reset the lock's expiry to ``expiry`` seconds if ``token`` owns it."""
+        return self._script(_OWNER, [companion_key(key, "lock")], [token, _ms(expiry)]) == 1
+
+    def unlock(self, key: str, token: str) -> bool:
+        """Delete the lock if ``token`` owns it."""
+        return self._script(_OWNER, [companion_key(key, "lock")], [token, ""]) == 1
+
+    def save_and_unlock(
+        self, key: str, data: bytes, ttl: int | None, expect: Any, token: str
+    ) -> SaveResult:
+        """:meth:`save`, then release the lock if ``token`` owns it, in one script.
+
+        The lock is released whether or not the conditional write succeeded.
+        """
+        return self._save([key, companion_key(key, "lock")], data, ttl, expect, token)
+
+
+def _close(client: Client) -> None:
+    client.close()
+    sentinel = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    if sentinel is not None:
+        sentinel.close()
+
+
+# -- URLs ----------------------------------------------------------------------
+
+_SCHEMES = ("redis", "rediss", "redis+sentinel", "redis+cluster")
+_DEFAULT_PORTS = {"redis+sentinel": 26379}
+_SSL_CERT_REQS = ("none", "optional", "required")
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _positive(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = convert(text)
+        if value <= 0:
+            raise ValueError("must be > 0")
+        return value
+
+    return parse
+
+
+def _not_negative(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = convert(text)
+        if value < 0:
+            raise ValueError("must be >= 0")
+        return value
+
+    return parse
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _boolean(text: str) -> bool:
+    try:
+        return _BOOLEANS[text.lower()]
+    except KeyError:
+        raise ValueError("true or false") from None
+
+
+_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "socket_timeout": _positive(float),
+    "socket_connect_timeout": _positive(float),
+    "max_connections": _positive(int),
+    "retries": _not_negative(int),
+    "retry_backoff": _not_negative(float),
+    "health_check_interval": _not_negative(int),
+}
+_SSL_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "ssl_cert_reqs": _choice(_SSL_CERT_REQS),
+    "ssl_ca_certs": str,
+    "ssl_certfile": str,
+    "ssl_keyfile": str,
+    "ssl_check_hostname": _boolean,
+}
+
+
+@dataclass(frozen=True)
+class _Url:
+    """A parsed store URL and how to build its client."""
+
+    scheme: str
+    hosts: list[tuple[str, int]]
+    username: str | None
+    password: str | None
+    service: str | None
+    db: int
+    options: dict[str, Any]
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        """redis-py keyword arguments for connections to data nodes."""
+        options = dict(self.options)
+        backoff = EqualJitterBackoff(cap=options.pop("retry_backoff", 0.5), base=0.025)
+        kwargs: dict[str, Any] = {
+            "socket_timeout": 1.0,
+            "socket_connect_timeout": 1.0,
+            "retry": Retry(backoff, options.pop("retries", 3)),
+            "username": self.username,
+            "password": self.password,
+        }
+        kwargs.update(options)
+        return kwargs
+
+    def connector(self) -> Callable[[], Client]:
+        """A function building the client (called lazily by the store)."""
+        kwargs = self.connection_kwargs()
+        if self.scheme == "redis+cluster":
+            nodes = [ClusterNode(host, port) for host, port in self.hosts]
+            return lambda: RedisCluster(startup_nodes=nodes, **kwargs)
+        if self.scheme == "redis+sentinel":
+            return lambda: _sentinel_master(self.hosts, self.service, self.db, kwargs)
+        (host, port), ssl = self.hosts[0], self.scheme == "rediss"
+        return lambda: Redis(host=host, port=port, db=self.db, ssl=ssl, **kwargs)
+
+
+def _sentinel_master(hosts: list[tuple[str, int]], service: str, db: int, kwargs: dict[str, Any]) -> Redis:
+    """Client of ``service``'s master; each new connection asks the sentinels where it is."""
+    sentinel_kwargs = {
+        "socket_timeout": kwargs["socket_timeout"],
+        "socket_connect_timeout": kwargs["socket_connect_timeout"],
+        "retry": Retry(NoBackoff(), 0),  # discovery already tries every sentinel
+    }
+    return Sentinel(hosts, sentinel_kwargs=sentinel_kwargs).master_for(service, db=db, **kwargs)
+
+
+def _parse_url(url: str) -> _Url:
+    """Parse a store URL.
+
+    :raise ConfigError: with field ``store``.
+    """
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in _SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(s + '://' for s in _SCHEMES)}")
+        userinfo, _, hostlist = parts.netloc.rpartition("@")
+        username, password = _credentials(userinfo)
+        hosts = [_host(h, _DEFAULT_PORTS.get(scheme, 6379)) for h in hostlist.split(",")]
+        if len(hosts) > 1 and scheme in ("redis", "rediss"):
+            raise ValueError(f"{scheme}:// takes one host; use redis+sentinel:// or redis+cluster://")
+        service, db = _path(scheme, parts.path)
+        options = _options(scheme, parts.query)
+    except ValueError as exc:
+        raise ConfigError("store", f"{_redacted(url)}: {exc}") from None
+    return _Url(scheme, hosts, username, password, service, db, options)
+
+
+def _redacted(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    return re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", url)
+
+
+def _credentials(userinfo: str) -> tuple[str | None, str | None]:
+    if not userinfo:
+        return None, None
+    user, colon, password = userinfo.partition(":")
+    return unquote(user) or None, unquote(password) if colon else None
+
+
+def _host(text: str, default_port: int) -> tuple[str, int]:
+    """``host[:port]`` or ``[v6]:port`` to ``(host, port)``."""
+    match = re.fullmatch(r"(\[[^\]]+\]|[^:\[\]]+)(?::(\d+))?", text)
+    if match is None:
+        raise ValueError(f"bad host {text!r}, expected host:port")
+    port = int(match[2]) if match[2] else default_port
+    if not 0 < port < 65536:
+        raise ValueError(f"bad port {port}")
+    return match[1].strip("[]"), port
+
+
+def _path(scheme: str, path: str) -> tuple[str | None, int]:
+    """``(sentinel service name, db)`` from the URL path."""
+    segments = [unquote(s) for s in path.strip("/").split("/")] if path.strip("/") else []
+    service = None
+    if scheme == "redis+sentinel":
+        if not segments or not segments[0]:
+            raise ValueError("redis+sentinel:// needs the master name: .../<master>/<db>")
+        service, segments = segments[0], segments[1:]
+    if len(segments) > 1 or (segments and not segments[0].isdigit()):
+        raise ValueError(f"bad path {path!r}, expected /<db number>")
+    db = int(segments[0]) if segments else 0
+    if db and scheme == "redis+cluster":
+        raise ValueError("Redis Cluster has only database 0")
+    return service, db
+
+
+def _options(scheme: str, query: str) -> dict[str, Any]:
+    accepted = _OPTIONS | (_SSL_OPTIONS if scheme == "rediss" else {})
+    options = {}
+    for name, values in parse_qs(query, keep_blank_values=True, strict_parsing=bool(query)).items():
+        if name not in accepted:
+            raise ValueError(f"unknown option {name!r}; accepted: {', '.join(accepted)}")
+        if len(values) > 1:
+            raise ValueError(f"option {name!r} given twice")
+        try:
+            options[name] = accepted[name](values[0])
+        except ValueError as exc:
+            raise ValueError(f"option {name}={values[0]!r}: {exc}") from None
+    return options
