@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 from werkzeug.http import dump_cookie
 
+from .cookie_loss import CookieLossDetector
 from .debug import RequestRecord
 from .errors import (
     ConflictError,
@@ -27,6 +28,7 @@ from .errors import (
 from .manager import CommitOutcome, SessionManager
 from .session import Session
 from .settings import Settings
+from .startup import log_startup_warnings, startup_warnings
 from .stores.base import Store, close_counter, enter_counter, open_counter
 
 __all__ = ["SessionMiddleware", "get_session"]
@@ -95,6 +97,9 @@ class SessionMiddleware:
         self.manager = SessionManager(settings, clock=clock, store=store)
         self._ignore = re.compile(settings.ignore_pattern).search if settings.ignore_pattern else None
         self._cookie_name = settings.cookie_name
+        self._cookie_loss = CookieLossDetector(settings) if settings.debug else None
+        self.startup_warnings = startup_warnings(settings, self.manager.store, self.manager.key("startup-check"))
+        log_startup_warnings(self.startup_warnings)
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         if self._ignore is not None and self._ignore(environ.get("PATH_INFO", "")):
@@ -193,12 +198,24 @@ class _Response:
         finally:
             self._committed = True
         cookie = self.mw.cookie_header(outcome, self.environ)
+        if self.mw._cookie_loss is not None:
+            self._watch_cookie(outcome)
         if cookie is not None:
             headers.append(cookie)
             headers.append(("Vary", "Cookie"))
         if self.mw.settings.debug:
             headers.append(("X-Session-Debug", self.record.header()))
         return self._start(status, headers, exc_info)
+
+    def _watch_cookie(self, outcome: CommitOutcome) -> None:
+        """debug: notice clients that keep getting new cookies and never send them back."""
+        detector = self.mw._cookie_loss
+        if self.session._cookie is not None or "no-cookie" not in self.record.causes:
+            detector.cookie_returned(self.environ)  # type: ignore[union-attr]
+        elif outcome.cookie == "set":
+            reason = detector.cookie_issued(self.environ)  # type: ignore[union-attr]
+            if reason is not None:
+                self.record.add("cookie-not-returned", likely=reason)
 
     def _failure_response(self, exc: BaseException) -> tuple[str, list, bytes]:
         for kind, status, cause, body in _FAILURES:

@@ -9,7 +9,6 @@ verifies. A value that fails verification is never looked up.
 from __future__ import annotations
 
 import hashlib
-import logging
 import secrets
 from enum import Enum
 
@@ -21,7 +20,6 @@ from . import ids
 
 __all__ = ["CookieSigner", "Verdict"]
 
-_log = logging.getLogger("sessionstore")
 #: Longest cookie value considered at all: a signed id is ~100 characters.
 MAX_COOKIE_LENGTH = 256
 _SIG_LENGTH = 43  # HMAC-SHA256 in URL-safe base64
@@ -38,12 +36,8 @@ class CookieSigner:
     """Signs ids into cookie values and verifies them back."""
 
     def __init__(self, secret_keys: list[str]) -> None:
-        if not secret_keys:
+        if not secret_keys:  # the start-up checks warn about this
             secret_keys = [secrets.token_urlsafe(32)]
-            _log.warning(
-                "sessionstore: no secret_key set; using a random per-process key. "
-                "Sessions will not survive a restart or be shared between nodes."
-            )
         # itsdangerous derives a key per secret on every call; derive them once
         # (same algorithm and keys, so signatures equal itsdangerous' own).
         signer = Signer(secret_keys, salt="sessionstore.cookie", digest_method=hashlib.sha256)

@@ -93,3 +93,66 @@ def test_tombstone_refresh_is_amortised(app, clock):
     clock.advance(20)  # past a quarter of max_inactive
     client.get("/bump")
     assert app.manager.store.load(key).version != first
+
+
+# -- cookie-not-returned ------------------------------------------------------------------
+
+
+def _loop(mw, n=3, **request):
+    """A client that never stores the cookie: each request arrives without one."""
+    responses = []
+    for _ in range(n):
+        client = Client(mw)  # a fresh cookie jar every time: the browser rejected the cookie
+        responses.append(client.get("/login", **request))
+    return responses
+
+
+@pytest.mark.parametrize(
+    "fields, request_kwargs, expected",
+    [
+        ({"cookie_secure": True}, {}, "Secure cookie sent over http"),
+        ({"cookie_domain": "example.com"}, {"base_url": "http://other.test/"}, "Domain=example.com"),
+        ({"cookie_path": "/app"}, {}, "Path=/app"),
+        ({"cookie_samesite": "None"}, {}, "SameSite=None without Secure"),
+        ({}, {}, "no cookie setting explains it"),
+    ],
+)
+def test_cookie_not_returned_names_the_likely_cause(clock, fields, request_kwargs, expected, caplog):
+    import json
+
+    mw = SessionMiddleware(json_app(HANDLERS), secret_key="k", debug=True, clock=clock, **fields)
+    with caplog.at_level("INFO", logger="sessionstore.debug"):
+        responses = _loop(mw, **request_kwargs)
+    assert "cookie-not-returned" not in causes(responses[1])
+    assert "cookie-not-returned" in causes(responses[2])
+    record = json.loads(caplog.records[-1].getMessage())
+    assert expected in record["likely"]
+
+
+def test_a_client_that_returns_its_cookie_is_not_reported(app):
+    client = Client(app)
+    for _ in range(5):
+        response = client.get("/login")
+    assert "cookie-not-returned" not in causes(response)
+    for response in _loop(app, n=2):
+        assert "cookie-not-returned" not in causes(response)
+
+
+# -- start-up checks ----------------------------------------------------------------------
+
+
+def test_startup_checks_log_each_problem_once(caplog):
+    with caplog.at_level("WARNING", logger="sessionstore"):
+        mw = SessionMiddleware(json_app(HANDLERS), cookie_name="__Host-sid", cookie_samesite="None",
+                               store="redis://127.0.0.1:1/0?socket_connect_timeout=0.2&retries=0")
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "__Host- cookie needs" in text
+    assert "SameSite=None" in text
+    assert "no secret_key" in text
+    assert "cannot be reached" in text and "127.0.0.1:1" in text
+    assert len(mw.startup_warnings) == 4
+
+
+def test_clean_configuration_has_no_startup_warning(redis_server):
+    mw = SessionMiddleware(json_app(HANDLERS), secret_key="k", store=redis_server.url)
+    assert mw.startup_warnings == []
