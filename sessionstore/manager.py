@@ -39,6 +39,7 @@ from .settings import Settings
 from .signing import CookieSigner, Verdict
 from .stores import open_store
 from .locking import LockPolicy, LockRenewer
+from .metrics import Metrics, TimedStore
 from .stores.base import LockingStore, Record, Store
 from .tombstones import Tombstones
 
@@ -75,7 +76,8 @@ class SessionManager:
             from .sticky import StickyStore
 
             store = StickyStore(store, settings, clock=self.clock)
-        self.store: Store = store
+        self.metrics = Metrics()
+        self.store: Store = TimedStore(store, self.metrics)  # type: ignore[assignment]
         self.serializer: Serializer = get_serializer(settings.serializer, settings.secret_keys)
         self._readers: dict[str, Serializer] = {self.serializer.name: self.serializer}
         self.signer = CookieSigner(settings.secret_keys)
@@ -88,8 +90,8 @@ class SessionManager:
         self.lock_policy = LockPolicy(settings.locking)
         self._renewer: LockRenewer | None = None
         if settings.locking != "none":
-            if not isinstance(store, LockingStore):
-                raise ConfigError("locking", f"the {type(store).__name__} cannot hold session locks")
+            if not isinstance(self.store, LockingStore):
+                raise ConfigError("locking", f"the {type(store).__name__} store cannot hold session locks")
             self._renewer = LockRenewer(store.renew, settings.lock_expiry)
 
     # -- public API ------------------------------------------------------------------
@@ -131,6 +133,10 @@ class SessionManager:
             self.tombstones.destroyed(key, "invalidated", self._default_ttl())
             self.listeners.emit(SessionEvent("destroyed", session_id, reason="invalidated"))
         return deleted
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and store timings since start (see :mod:`sessionstore.metrics`)."""
+        return self.metrics.snapshot()
 
     def close(self) -> None:
         """Flush pending work (async backups) and close store connections."""

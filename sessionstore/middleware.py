@@ -137,6 +137,7 @@ class SessionMiddleware:
         try:
             return self.app(environ, start)
         finally:
+            self.manager.metrics.observe(record, False)
             record.emit(self.manager.node_id, self.settings.mode)
 
     # -- cookies -----------------------------------------------------------------
@@ -265,6 +266,7 @@ class _Response:
                 _log.error("sessionstore: saving changes made while streaming failed: %s", exc)
         self.mw.manager.release(self.session)
         self.record.store_ops = self.counter.n
+        self.mw.manager.metrics.observe(self.record, self.session.loaded)
         if self.mw.settings.debug:
             self.record.emit(self.mw.manager.node_id, self.mw.settings.mode)
 

@@ -156,3 +156,25 @@ def test_startup_checks_log_each_problem_once(caplog):
 def test_clean_configuration_has_no_startup_warning(redis_server):
     mw = SessionMiddleware(json_app(HANDLERS), secret_key="k", store=redis_server.url)
     assert mw.startup_warnings == []
+
+
+# -- metrics ------------------------------------------------------------------------------
+
+
+def test_stats_and_prometheus(app):
+    from sessionstore.metrics import prometheus_text
+
+    client = Client(app)
+    client.get("/login")
+    client.get("/read")
+    client.get("/bump")
+    stats = app.manager.stats()
+    assert stats["requests"] == 3
+    assert stats["loads"] == {"new": 1, "store": 2}
+    assert stats["saves"] == 2 and stats["skipped_saves"] == 1
+    assert stats["causes"]["no-cookie"] == 1
+    assert stats["store_ops"]["load_and_touch"]["count"] == 2
+    assert stats["store_ops"]["save"]["count"] >= 2
+    text = prometheus_text(stats)
+    assert 'sessionstore_loads_total{source="store"} 2' in text
+    assert "# TYPE sessionstore_store_op_seconds_total counter" in text
