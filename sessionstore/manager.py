@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 from . import ids
 from .debug import RequestRecord, log_id
 from .errors import ConfigError, ConflictError, CorruptPayload, LockTimeout, SessionTooLarge, StoreUnavailable
+from .encryption import Sealer
 from .events import Listeners, SessionEvent
 from .payload import NO_LINEAGE, Lineage, Meta, Payload, decode, encode
 from .serializers import Serializer, get_serializer
@@ -81,6 +82,7 @@ class SessionManager:
         self.serializer: Serializer = get_serializer(settings.serializer, settings.secret_keys)
         self._readers: dict[str, Serializer] = {self.serializer.name: self.serializer}
         self.signer = CookieSigner(settings.secret_keys)
+        self._sealer = Sealer(settings.encryption_keys) if settings.encryption_keys else None
         self.listeners = Listeners()
         self.node_id = settings.node_id if settings.sticky else None
         self._prefix = settings.key_prefix
@@ -251,7 +253,7 @@ class SessionManager:
         """Fill ``session`` from a stored record; False (and a cause) if unusable."""
         record = session._record
         try:
-            payload = decode(stored.data)
+            payload = self._decode(stored.data)
             self._reader(payload.meta.serializer)
         except CorruptPayload as exc:
             record.add("corrupt-payload", error=str(exc))
@@ -456,11 +458,11 @@ class SessionManager:
             return False
         key, ttl = self.key(s.id), self._ttl(s.meta)  # type: ignore[arg-type]
         tombstone = self._tombstone_due(s.meta, ttl)  # type: ignore[arg-type]
-        data = self._serialize(s, changes, s.meta)  # type: ignore[arg-type]
+        data, plain = self._serialize(s, changes, s.meta)  # type: ignore[arg-type]
         result = self.store.save(key, data, ttl, expect=None)
         if not result.ok:  # 256 random bits collided: give up rather than overwrite
             raise StoreUnavailable("session id collision; refusing to overwrite another session")
-        self._saved(session, data, result.version, key, ttl, tombstone)
+        self._saved(session, plain, result.version, key, ttl, tombstone)
         if s.is_new:
             self.listeners.emit(SessionEvent("created", s.id))  # type: ignore[arg-type]
         return True
@@ -470,20 +472,20 @@ class SessionManager:
         s = session._s
         key, ttl = self.key(s.id), self._ttl(s.meta)  # type: ignore[arg-type]
         tombstone = self._tombstone_due(s.meta, ttl)  # type: ignore[arg-type]
-        data = self._serialize(s, changes, s.meta)  # type: ignore[arg-type]
+        data, plain = self._serialize(s, changes, s.meta)  # type: ignore[arg-type]
         expect = s.version
         for attempt in range(_MAX_MERGE_ROUNDS):
             if attempt > 2:  # heavy contention: let the others through (jittered backoff)
                 time.sleep(random.uniform(0, 0.0005 * attempt))
             result = self._write(session, key, data, ttl, expect)
             if result.ok:
-                self._saved(session, data, result.version, key, ttl, tombstone)
+                self._saved(session, plain, result.version, key, ttl, tombstone)
                 return True
             if result.current is None:
                 # Destroyed (invalidated, expired) by someone else: never resurrect it.
                 session._record.add("concurrent-update", destroyed_meanwhile=True)
                 return False
-            data, expect = self._merge_into(session, changes, result.current.data), result.current.version
+            (data, plain), expect = self._merge_into(session, changes, result.current.data), result.current.version
         raise StoreUnavailable("session kept changing under concurrent writers; gave up merging")
 
     def _write(self, session: Session, key: str, data: bytes, ttl: int | None, expect: Any) -> Any:
@@ -495,11 +497,11 @@ class SessionManager:
         self._renewer.drop(*lock)  # type: ignore[union-attr]
         return self.store.save_and_unlock(key, data, ttl, expect, lock[1])  # type: ignore[attr-defined]
 
-    def _merge_into(self, session: Session, changes: Changes, theirs_data: bytes) -> bytes:
+    def _merge_into(self, session: Session, changes: Changes, theirs_data: bytes) -> tuple[bytes, bytes]:
         record: RequestRecord = session._record
         s = session._s
         try:
-            theirs: Payload | None = decode(theirs_data)
+            theirs: Payload | None = self._decode(theirs_data)
         except CorruptPayload:
             theirs = None
         merged, conflicts = merge(
@@ -517,7 +519,7 @@ class SessionManager:
         meta = s.meta if theirs is None else _merged_meta(s, theirs.meta)
         return self._finish_payload(meta, [(name, blob, gen) for name, (blob, gen) in merged.items()])
 
-    def _serialize(self, s: SessionState, changes: Changes, meta: Meta) -> bytes:
+    def _serialize(self, s: SessionState, changes: Changes, meta: Meta) -> tuple[bytes, bytes]:
         payload = s.payload
         blobs: list[tuple[str, bytes, int]] = []
         if payload is not None:
@@ -535,12 +537,17 @@ class SessionManager:
                 blobs.append((name, blob, (1, 1)))
         return self._finish_payload(meta, blobs)
 
-    def _finish_payload(self, meta: Meta, blobs: Any) -> bytes:
+    def _finish_payload(self, meta: Meta, blobs: Any) -> tuple[bytes, bytes]:
+        """``(bytes to store, plain payload)``: encoded, size-checked, sealed if encryption is on."""
         meta.last_accessed = self.clock()
-        data = encode(meta, blobs)
-        if len(data) > self.settings.max_size:
-            raise SessionTooLarge(len(data), self.settings.max_size)
-        return data
+        plain = encode(meta, blobs)
+        if len(plain) > self.settings.max_size:
+            raise SessionTooLarge(len(plain), self.settings.max_size)
+        return (plain if self._sealer is None else self._sealer.seal(plain)), plain
+
+    def _decode(self, data: bytes) -> Payload:
+        """A stored record's payload (opened first when encryption is on)."""
+        return decode(data if self._sealer is None else self._sealer.open(data))
 
     def _tombstone_due(self, meta: Meta, ttl: int | None) -> float | None:
         """If this save should refresh the tombstone, stamp ``meta`` and return the time."""
@@ -549,9 +556,9 @@ class SessionManager:
         meta.tombstoned = self.clock()
         return meta.tombstoned
 
-    def _saved(self, session: Session, data: bytes, version: Any, key: str, ttl: int | None,
+    def _saved(self, session: Session, plain: bytes, version: Any, key: str, ttl: int | None,
                tombstone: float | None) -> None:
-        session._s.saved(decode(data), version)
+        session._s.saved(decode(plain), version)
         session._record.saved = True
         if tombstone is not None:
             self.tombstones.alive(key, ttl, tombstone)

@@ -34,7 +34,9 @@ class Settings:
 
     Field names, defaults and meanings are those of the public contract
     (``docs/settings.md``). The sticky-mode local cache bounds
-    (``local_cache_sessions``, ``local_cache_bytes``) are extensions.
+    (``local_cache_sessions``, ``local_cache_bytes``) and ``encryption_key``
+    (encrypt stored sessions at rest; first key encrypts, all decrypt) are
+    extensions.
     """
 
     store: str = "memory://"
@@ -61,6 +63,7 @@ class Settings:
     max_size: int = 1_000_000
     debug: bool = False
     environ_key: str = "sessionstore.session"
+    encryption_key: str | list[str] | None = field(default=None, repr=False)
     local_cache_sessions: int = 10_000
     local_cache_bytes: int = 256 * 1024 * 1024
 
@@ -78,6 +81,15 @@ class Settings:
         if isinstance(self.secret_key, str):
             return [self.secret_key]
         return list(self.secret_key)
+
+    @property
+    def encryption_keys(self) -> list[str]:
+        """The encryption keys, newest (encrypting) first; empty when none is set."""
+        if self.encryption_key is None:
+            return []
+        if isinstance(self.encryption_key, str):
+            return [self.encryption_key]
+        return list(self.encryption_key)
 
     @property
     def sticky(self) -> bool:
@@ -115,7 +127,8 @@ class Settings:
 _INT_FIELDS = {"max_inactive", "max_age", "max_size", "local_cache_sessions", "local_cache_bytes"}
 _FLOAT_FIELDS = {"lock_timeout", "lock_expiry"}
 _BOOL_FIELDS = {"cookie_httponly", "debug"}
-_OPTIONAL = {"node_id", "max_age", "cookie_domain", "secret_key", "ignore_pattern", "cookie_samesite"}
+_OPTIONAL = {"node_id", "max_age", "cookie_domain", "secret_key", "ignore_pattern", "cookie_samesite",
+             "encryption_key"}
 
 
 def _parse(name: str, raw: str) -> Any:
@@ -130,7 +143,7 @@ def _parse(name: str, raw: str) -> Any:
         return _boolean(name, text)
     if name == "cookie_secure":
         return "auto" if text.lower() == "auto" else _boolean(name, text)
-    if name == "secret_key":
+    if name in ("secret_key", "encryption_key"):
         keys = [k.strip() for k in text.split(",") if k.strip()]
         return keys[0] if len(keys) == 1 else keys
     return text
@@ -217,7 +230,16 @@ def _check_cookie(s: Settings) -> None:
         raise ConfigError("cookie_path", f"expected a path starting with '/', got {s.cookie_path!r}")
 
 
+def _check_keys(name: str, keys: object) -> None:
+    if keys is None:
+        return
+    items = [keys] if isinstance(keys, str) else keys
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(k, str) and k for k in items):
+        raise ConfigError(name, "expected a non-empty string or a non-empty list of non-empty strings")
+
+
 def _check_secret(s: Settings) -> None:
+    _check_keys("encryption_key", s.encryption_key)
     keys = s.secret_key
     if keys is None:
         if s.serializer == "pickle":
