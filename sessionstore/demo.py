@@ -396,11 +396,10 @@ class SelfTest:
         browser = self.browser()
         browser.get("/login?user=alice")
         real_id = self.id_of(browser.cookie)
-        random_part, signature = browser.cookie.split(".")
-        edited = ("B" if random_part[0] == "A" else "A") + random_part[1:]
+        edited = ("B" if browser.cookie[0] == "A" else "A") + browser.cookie[1:]
         for how, cookie in [
             ("id signed with another key", _sign_with("not-the-demo-key", real_id)),
-            ("id edited", f"{edited}.{signature}"),
+            ("id edited", edited),
             ("not a signed id at all", "garbage"),
         ]:
             mallory = self.browser(cookie)

@@ -127,8 +127,8 @@ class Settings:
 _INT_FIELDS = {"max_inactive", "max_age", "max_size", "local_cache_sessions", "local_cache_bytes"}
 _FLOAT_FIELDS = {"lock_timeout", "lock_expiry"}
 _BOOL_FIELDS = {"cookie_httponly", "debug"}
-_OPTIONAL = {"node_id", "max_age", "cookie_domain", "secret_key", "ignore_pattern", "cookie_samesite",
-             "encryption_key"}
+_OPTIONAL = {"node_id", "max_age", "cookie_domain", "secret_key", "ignore_pattern", "encryption_key"}
+_SAMESITE_TEXT = {"lax": "Lax", "strict": "Strict", "none": "None", "": None, "null": None, "off": None}
 
 
 def _parse(name: str, raw: str) -> Any:
@@ -141,6 +141,10 @@ def _parse(name: str, raw: str) -> Any:
         return _number(name, text, float)
     if name in _BOOL_FIELDS:
         return _boolean(name, text)
+    if name == "cookie_samesite":  # "None" is a SameSite value here, not "no attribute"
+        if text.lower() not in _SAMESITE_TEXT:
+            raise ConfigError(name, f"expected Lax, Strict, None, or empty for no attribute; got {text!r}")
+        return _SAMESITE_TEXT[text.lower()]
     if name == "cookie_secure":
         return "auto" if text.lower() == "auto" else _boolean(name, text)
     if name in ("secret_key", "encryption_key"):

@@ -1,8 +1,11 @@
-"""Signed cookie values: ``<random>.<signature>[.<node>]``.
+"""Signed cookie values: ``<random><signature>[.<node>]``.
 
 The whole id (route included) is signed with itsdangerous (HMAC-SHA256, key
-derivation per key). The route stays last so a load balancer can route on
-the text after the last dot. Keys rotate: the first key signs, every key
+derivation per key). The random part and the signature are both exactly 43
+URL-safe characters, so they are simply concatenated: the value holds at
+most one dot, before the route, and balancers that take the route after the
+first dot (Apache mod_proxy_balancer, mod_jk) or after the last one (nginx
+maps, HAProxy) read the same route. Keys rotate: the first key signs, every key
 verifies. A value that fails verification is never looked up.
 """
 
@@ -18,7 +21,7 @@ from itsdangerous.signer import HMACAlgorithm
 
 from . import ids
 
-__all__ = ["CookieSigner", "Verdict"]
+__all__ = ["CookieSigner", "Verdict", "split_cookie"]
 
 #: Longest cookie value considered at all: a signed id is ~100 characters.
 MAX_COOKIE_LENGTH = 256
@@ -30,6 +33,16 @@ class Verdict(Enum):
 
     MALFORMED = "malformed-id"
     BAD_SIGNATURE = "bad-signature"
+
+
+def split_cookie(value: str) -> tuple[str, str] | None:
+    """``(session id, signature)`` of a well-formed cookie value (not verified), else None."""
+    body, dot, route = value.partition(".")
+    if len(body) != ids.RANDOM_LENGTH + _SIG_LENGTH:
+        return None
+    random_part, signature = body[: ids.RANDOM_LENGTH], body[ids.RANDOM_LENGTH:]
+    session_id = f"{random_part}.{route}" if dot else random_part
+    return (session_id, signature) if ids.is_valid(session_id) else None
 
 
 class CookieSigner:
@@ -47,24 +60,17 @@ class CookieSigner:
     def sign(self, session_id: str) -> str:
         random_part, route = ids.split_route(session_id)
         raw = self._algorithm.get_signature(self._keys[0], session_id.encode("ascii"))
-        signature = base64_encode(raw).decode("ascii")
-        value = f"{random_part}.{signature}"
+        value = random_part + base64_encode(raw).decode("ascii")
         return value if route is None else f"{value}.{route}"
 
     def unsign(self, value: str) -> str | Verdict:
         """The session id, or the :class:`Verdict` saying why not."""
         if not value or len(value) > MAX_COOKIE_LENGTH or not value.isascii():
             return Verdict.MALFORMED
-        parts = value.split(".")
-        if len(parts) == 2:
-            random_part, signature, route = parts[0], parts[1], None
-        elif len(parts) == 3:
-            random_part, signature, route = parts
-        else:
+        parsed = split_cookie(value)
+        if parsed is None:
             return Verdict.MALFORMED
-        session_id = random_part if route is None else f"{random_part}.{route}"
-        if len(signature) != _SIG_LENGTH or not ids.is_valid(session_id):
-            return Verdict.MALFORMED
+        session_id, signature = parsed
         try:
             raw = base64_decode(signature)
         except Exception:

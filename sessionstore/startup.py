@@ -44,7 +44,7 @@ def _cookie_warnings(s: Settings) -> list[str]:
         found.append("a __Secure- cookie needs cookie_secure=True; browsers reject it otherwise")
     if s.cookie_samesite == "None" and s.cookie_secure == "auto":
         found.append("SameSite=None: on plain http the cookie is not Secure and browsers reject it")
-    if s.cookie_domain and s.cookie_domain.count(".") == 0:
+    if s.cookie_domain and s.cookie_domain.strip(".").count(".") == 0 and s.cookie_domain != "localhost":
         found.append(f"cookie_domain={s.cookie_domain!r} has no dot: browsers reject single-label domains "
                      "(except localhost)")
     return found

@@ -91,3 +91,10 @@ def test_unknown_store_scheme_is_a_config_error():
 
     with pytest.raises(ConfigError, match="store"):
         SessionMiddleware(lambda e, s: [], store="mongodb://x")
+
+
+def test_samesite_none_from_text_is_the_value_none():
+    s = Settings.from_mapping({"X_COOKIE_SAMESITE": "None", "X_COOKIE_SECURE": "true"}, prefix="X_")
+    assert s.cookie_samesite == "None"
+    assert Settings.from_mapping({"X_COOKIE_SAMESITE": ""}, prefix="X_").cookie_samesite is None
+    assert Settings.from_mapping({"X_COOKIE_SAMESITE": "strict"}, prefix="X_").cookie_samesite == "Strict"
