@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from ..errors import ConfigError, CorruptPayload, SerializationError
+from .datetimes import datetime_from_text, datetime_to_text
 from .paths import find_unsupported
 
 try:
@@ -42,7 +43,7 @@ def _default(obj: Any) -> Any:
         items = sorted((_pack(v) for v in obj))
         return msgpack.ExtType(_SET if kind is set else _FROZENSET, b"".join(items))
     if kind is dt.datetime:
-        return msgpack.ExtType(_DATETIME, obj.isoformat().encode())
+        return msgpack.ExtType(_DATETIME, datetime_to_text(obj).encode())
     if kind is dt.date:
         return msgpack.ExtType(_DATE, obj.isoformat().encode())
     if kind is uuid.UUID:
@@ -70,7 +71,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
     if code == _FROZENSET:
         return frozenset(_unpack_stream(data))
     if code == _DATETIME:
-        return dt.datetime.fromisoformat(data.decode())
+        return datetime_from_text(data.decode())
     if code == _DATE:
         return dt.date.fromisoformat(data.decode())
     if code == _UUID:

@@ -20,6 +20,7 @@ from decimal import Decimal
 from typing import Any
 
 from ..errors import CorruptPayload, SerializationError
+from .datetimes import datetime_from_text, datetime_to_text
 from .paths import find_unsupported
 
 __all__ = ["TaggedJSONSerializer"]
@@ -54,7 +55,7 @@ def _tag(obj: Any) -> Any:
     if kind is bytes:
         return {" b": base64.b64encode(obj).decode("ascii")}
     if kind is dt.datetime:
-        return {" d": obj.isoformat()}
+        return {" d": datetime_to_text(obj)}
     if kind is dt.date:
         return {" D": obj.isoformat()}
     if kind is uuid.UUID:
@@ -69,7 +70,7 @@ _UNTAG = {
     " s": set,
     " f": frozenset,
     " b": lambda v: base64.b64decode(v.encode("ascii"), validate=True),
-    " d": dt.datetime.fromisoformat,
+    " d": datetime_from_text,
     " D": dt.date.fromisoformat,
     " u": uuid.UUID,
     " n": Decimal,
