@@ -53,6 +53,7 @@ class BackupWriter:
         self._inflight: str | None = None
         self._cond = threading.Condition()
         self._closed = False
+        self._retry_at = 0.0  # while the store is down: no attempt before this (monotonic)
         self._thread: threading.Thread | None = None
         self.dropped = 0
         self.failures = 0
@@ -63,8 +64,9 @@ class BackupWriter:
     def save(self, key: str, data: bytes, ttl: int | None) -> bool:
         return self._submit(key, _Op("save", data, ttl))
 
-    def touch(self, key: str, ttl: int | None) -> bool:
-        return self._submit(key, _Op("touch", None, ttl))
+    def touch(self, key: str, ttl: int | None, data: bytes) -> bool:
+        """Slide the backup's expiry; if the store lost it (its node died), write ``data`` again."""
+        return self._submit(key, _Op("touch", data, ttl))
 
     def delete(self, key: str) -> bool:
         return self._submit(key, _Op("delete"))
@@ -93,8 +95,7 @@ class BackupWriter:
     def _enqueue(self, key: str, op: _Op) -> None:
         with self._cond:
             if op.kind == "touch" and self._pending.get(key, op).kind == "save":
-                previous = self._pending[key]  # a pending save already carries data; refresh its TTL
-                op = _Op("save", previous.data, op.ttl)
+                op = _Op("save", op.data, op.ttl)  # a pending save: the touch's data is as new
             self._pending.pop(key, None)
             self._pending[key] = op
             while len(self._pending) > self.max_pending:
@@ -116,15 +117,16 @@ class BackupWriter:
         backoff = 0.05
         while True:
             with self._cond:
-                while not self._pending and not self._closed:
-                    self._cond.wait()
+                while not self._closed and (not self._pending or time.monotonic() < self._retry_at):
+                    # new work does not cut a backoff short: wait out the retry time
+                    self._cond.wait(max(0.0, self._retry_at - time.monotonic()) if self._pending else None)
                 if not self._pending:
                     return
                 key, op = self._pending.popitem(last=False)
                 self._inflight = key
             try:
                 _apply(self.store, key, op)
-                backoff = 0.05
+                backoff, self._retry_at = 0.05, 0.0
             except StoreError as exc:
                 self.failures += 1
                 with self._cond:
@@ -132,8 +134,8 @@ class BackupWriter:
                         self._pending[key] = op
                         self._pending.move_to_end(key, last=False)
                     self._inflight = None
+                    self._retry_at = time.monotonic() + backoff
                     _log.debug("sessionstore: backup store unavailable (%s); retrying in %.2fs", exc, backoff)
-                    self._cond.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
                 continue
             except Exception:  # a bug in a store must not kill the writer
@@ -169,8 +171,9 @@ def _apply(store: Store, key: str, op: _Op) -> Any:
     if op.kind == "save":
         return store.save(key, op.data, op.ttl)  # type: ignore[arg-type]
     if op.kind == "touch":
-        if not store.touch(key, op.ttl):
-            _log.warning("sessionstore: backup to refresh was gone from the store")
+        if not store.touch(key, op.ttl):  # lost (evicted, its node died): rewrite it from the primary
+            _log.info("sessionstore: a session backup was gone from the store; rewritten")
+            store.save(key, op.data, op.ttl)  # type: ignore[arg-type]
         return None
     return store.delete(key)
 

@@ -88,6 +88,7 @@ class SessionManager:
         self._prefix = settings.key_prefix
         self._live: dict[str, SessionState] = {}  # sticky: states shared by concurrent requests
         self._live_lock = threading.Lock()
+        self._load_locks = [threading.Lock() for _ in range(64)] if settings.sticky else []
         self.tombstones = Tombstones(self.store, self.clock)
         self.lock_policy = LockPolicy(settings.locking)
         self._renewer: LockRenewer | None = None
@@ -160,15 +161,15 @@ class SessionManager:
         """The request is over: free its lock, stop sharing its state (sticky mode)."""
         if session._lock is not None:
             self._unlock(session)
-        requested = session._requested_id
-        if requested is None or not self._live:
+        live_key, session._live_key = session._live_key, None
+        if live_key is None:
             return
         with self._live_lock:
-            state = self._live.get(requested)
-            if state is session._s:
+            state = self._live.get(live_key)
+            if state is not None:
                 state.users -= 1
                 if state.users <= 0:
-                    del self._live[requested]
+                    del self._live[live_key]
 
     def _load(self, session: Session) -> None:
         """First touch: verify the cookie, load from the store or start a new session."""
@@ -274,26 +275,32 @@ class SessionManager:
         return True
 
     def _load_sticky(self, session: Session, session_id: str) -> None:
-        """Sticky mode: share a live state, or load (local copy first), or fail over."""
-        if ids.split_route(session_id)[1] != self.node_id:
-            self._failover(session, session_id)
-            return
-        with self._live_lock:
-            state = self._live.get(session_id)
+        """Sticky mode: share a live state, or load (local copy first), or fail over.
+
+        One request at a time loads a given id in this process (the others
+        wait, then share its state): two parallel first loads after a restart,
+        or two parallel requests failing over, must end as one session.
+        """
+        with self._load_locks[hash(session_id) % len(self._load_locks)]:
+            with self._live_lock:
+                state = self._live.get(session_id)
+                if state is not None:
+                    state.users += 1
             if state is not None:
-                state.users += 1
-                session._s = state
-        if state is not None:
-            self.store.keep_alive(self.key(session_id), self._ttl(state.meta))  # type: ignore[attr-defined]
-            session._record.source = "local"
-            return
-        self._load_id(session, session_id)
-        if session._s.id is None:
-            return
-        with self._live_lock:
-            state = self._live.setdefault(session_id, session._s)
-            state.users += 1
-            session._s = state
+                session._s, session._live_key = state, session_id
+                self.store.keep_alive(self.key(state.id), self._ttl(state.meta))  # type: ignore[attr-defined]
+                session._record.source = "local"
+                return
+            if ids.split_route(session_id)[1] != self.node_id:
+                self._failover(session, session_id)
+            else:
+                self._load_id(session, session_id)
+            if session._s.id is None:
+                return
+            with self._live_lock:
+                self._live[session_id] = session._s
+                session._s.users += 1
+                session._live_key = session_id
 
     def _failover(self, session: Session, session_id: str) -> None:
         """A session owned by another node arrived here: take it over under our route."""
@@ -457,6 +464,7 @@ class SessionManager:
         if not changes.written and not s.forced and s.payload is None:
             return False
         key, ttl = self.key(s.id), self._ttl(s.meta)  # type: ignore[arg-type]
+        s.meta.tombstoned = 0.0  # type: ignore[union-attr]  # a new id: its tombstone is due now
         tombstone = self._tombstone_due(s.meta, ttl)  # type: ignore[arg-type]
         data, plain = self._serialize(s, changes, s.meta)  # type: ignore[arg-type]
         result = self.store.save(key, data, ttl, expect=None)

@@ -121,7 +121,7 @@ class Session(MutableMapping[str, Any]):
     """
 
     __slots__ = ("_manager", "_cookie", "_record", "_path", "_loaded", "_requested_id", "_lock", "_s",
-                 "__weakref__")
+                 "_live_key", "__weakref__")
 
     def __init__(self, manager: "SessionManager", cookie: str | None, record: "RequestRecord",
                  path: str = "") -> None:
@@ -132,6 +132,7 @@ class Session(MutableMapping[str, Any]):
         self._loaded = False
         self._requested_id: str | None = None  # the verified id the client sent
         self._lock: tuple[str, str] | None = None  # (session key, owner token) while locked
+        self._live_key: str | None = None  # sticky: the id its shared state is registered under
         self._s = SessionState()
 
     # -- loading --------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from .backup import BackupWriter
 from .settings import Settings
-from .stores.base import ANY, Record, SaveResult, Store
+from .stores.base import ANY, Record, SaveResult, Store, is_companion
 from .stores.memory import MemoryStore
 
 __all__ = ["StickyStore", "BACKUP_SLACK"]
@@ -41,7 +41,8 @@ class StickyStore:
     """A local :class:`MemoryStore` in front of a shared store used as backup."""
 
     def __init__(self, remote: Store, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
-        self.remote = remote
+        single_copy = getattr(remote, "single_copy", None)  # the primary is here: one store copy is enough
+        self.remote = single_copy() if single_copy is not None else remote
         self.clock = clock
         self.local = MemoryStore(
             clock=clock,
@@ -50,7 +51,7 @@ class StickyStore:
             on_evict=self._forget,
             counted=False,
         )
-        self.backup = BackupWriter(remote, asynchronous=settings.backup == "async")
+        self.backup = BackupWriter(self.remote, asynchronous=settings.backup == "async")
         self._deadlines: dict[str, float] = {}  # key -> when its backup expires
         self._lock = threading.Lock()
 
@@ -60,25 +61,30 @@ class StickyStore:
         """The session, local copy first; and where it came from (``local`` or ``store``)."""
         record = self.local.load_and_touch(key, ttl)
         if record is not None:
-            self._refresh_backup(key, ttl)
+            self._refresh_backup(key, ttl, record.data)
             return record, "local"
         stored = self.remote.load_and_touch(key, _backup_ttl(ttl))
         if stored is None:
             return None, "store"
         self._set_deadline(key, ttl)
-        result = self.local.save(key, stored.data, ttl)
+        result = self.local.save(key, stored.data, ttl, expect=None)
+        if not result.ok:  # another request put a (newer) copy here meanwhile: that one is primary
+            return result.current, "local"
         return Record(stored.data, result.version, stored.relocated), "store"
 
     def keep_alive(self, key: str, ttl: int | None) -> None:
         """A request uses the session from memory: slide the local expiry, mind the backup's."""
-        if self.local.touch(key, ttl):
-            self._refresh_backup(key, ttl)
+        record = self.local.load_and_touch(key, ttl)
+        if record is not None:
+            self._refresh_backup(key, ttl, record.data)
 
     def load_backup(self, key: str, ttl: int | None) -> Record | None:
         """Another node's session, straight from the shared store (failover)."""
         return self.remote.load_and_touch(key, _backup_ttl(ttl))
 
     def load(self, key: str) -> Record | None:
+        if is_companion(key):
+            return self.remote.load(key)
         return self.local.load(key) or self.remote.load(key)
 
     def load_and_touch(self, key: str, ttl: int | None) -> Record | None:
@@ -87,6 +93,9 @@ class StickyStore:
     # -- writes ------------------------------------------------------------------------------
 
     def save(self, key: str, data: bytes, ttl: int | None, expect: Any = ANY) -> SaveResult:
+        if is_companion(key):  # tombstones: the store only, through the writer (never blocks)
+            self.backup.save(key, data, ttl)
+            return SaveResult(True, version=None)
         result = self.local.save(key, data, ttl, expect)
         if result.ok:
             self._set_deadline(key, ttl)
@@ -94,11 +103,11 @@ class StickyStore:
         return result
 
     def touch(self, key: str, ttl: int | None) -> bool:
-        found = self.local.touch(key, ttl)
-        if found:
+        record = self.local.load_and_touch(key, ttl)
+        if record is not None:
             self._set_deadline(key, ttl)
-            self.backup.touch(key, _backup_ttl(ttl))
-        return found
+            self.backup.touch(key, _backup_ttl(ttl), record.data)
+        return record is not None
 
     def delete(self, key: str, expect: Any = ANY) -> bool:
         found = self.local.delete(key, expect)
@@ -113,15 +122,19 @@ class StickyStore:
 
     # -- backup expiry ---------------------------------------------------------------------------
 
-    def _refresh_backup(self, key: str, ttl: int | None) -> None:
-        """Touch the backup only if it would lapse before the primary copy does."""
+    def _refresh_backup(self, key: str, ttl: int | None, data: bytes) -> None:
+        """Touch the backup only if it would lapse before the primary copy does.
+
+        A backup the store lost (evicted, or its memcached node died) is
+        written again from ``data``, the primary copy.
+        """
         if ttl is None:
             return
         now = self.clock()
         deadline = self._deadlines.get(key)
         if deadline is None or deadline < now + ttl:
             self._set_deadline(key, ttl, now)
-            self.backup.touch(key, _backup_ttl(ttl))
+            self.backup.touch(key, _backup_ttl(ttl), data)
 
     def _set_deadline(self, key: str, ttl: int | None, now: float | None = None) -> None:
         if ttl is None:

@@ -163,6 +163,11 @@ def companion_key(key: str, suffix: str) -> str:
     return f"{key}:{suffix}"
 
 
+def is_companion(key: str) -> bool:
+    """Whether ``key`` is a companion record (``<prefix>{<id>}:<suffix>``), not a session."""
+    return "}:" in key
+
+
 class _NoLoad:
     __slots__ = ()
 

@@ -90,6 +90,7 @@ Connections
 from __future__ import annotations
 
 import bisect
+import copy
 import hashlib
 import logging
 import math
@@ -386,8 +387,12 @@ class MemcachedStore:
         connect_timeout: float = 0.5,
         retry_after: float = 5.0,
         pool_size: int = 32,
+        copies: int = 2,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if copies not in (1, 2):
+            raise ConfigError("store", f"memcached copies must be 1 or 2, got {copies!r}")
+        self._copies = copies
         options = _Options(timeout, connect_timeout, retry_after, pool_size)
         primaries = [_Node(_node_name(h, p), (h, p), options) for h, p in servers]
         standby = [_Node(_node_name(h, p), (h, p), options) for h, p in failover]
@@ -496,7 +501,7 @@ class MemcachedStore:
         if written is None:
             return SaveResult(False, current=self.load(key))
         primary, cas, backed_up = written
-        if not backed_up:
+        if not backed_up and self._copies == 2:
             self._write_backup(wire, primary, data, exptime)
         return SaveResult(True, version=Version(primary.name, cas))
 
@@ -543,10 +548,21 @@ class MemcachedStore:
         return node.call(lambda w: w.meta_set(key, data, exptime, flags, mode, cas))
 
     def touch(self, key: str, ttl: int | None) -> bool:
-        """Slide the expiry of both copies; False if neither exists."""
+        """Slide the expiry of both copies (of the one copy with ``copies=1``); False if none exists."""
         wire, exptime = _wire_key(key), _exptime(ttl)
         touch = lambda w: w.touch(wire, exptime, noreply=False)  # noqa: E731
-        return self._run(wire, lambda nodes: self._on_each(nodes[:2], touch))
+        return self._run(wire, lambda nodes: self._on_each(nodes[: self._copies], touch))
+
+    def single_copy(self) -> "MemcachedStore":
+        """This store, sharing its connections, keeping one copy per key.
+
+        Sticky mode's backup uses it: the node's own memory holds the primary
+        copy, so the store needs only one; if its memcached node dies, the
+        next backup write or refresh puts it on the next node of the ring.
+        """
+        view = copy.copy(self)
+        view._copies = 1
+        return view
 
     def delete(self, key: str, expect: Any = ANY) -> bool:
         """Remove the key from the first three live nodes (conditionally on its version)."""
