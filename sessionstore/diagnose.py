@@ -333,7 +333,8 @@ def _value_reader(serializer: str) -> Callable[[bytes], str]:
 
         reader = get_serializer(serializer, [])
     except (ConfigError, ImportError) as exc:
-        return lambda blob: f"(not decoded: {exc})"
+        reason = str(exc)  # ``exc`` is unbound once the except block ends
+        return lambda blob: f"(not decoded: {reason})"
 
     def preview(blob: bytes) -> str:
         try:

@@ -12,6 +12,8 @@ __all__ = [
     "SessionTooLarge",
     "ConflictError",
     "LockTimeout",
+    "FAILURE_RESPONSES",
+    "failure_response",
 ]
 
 
@@ -71,3 +73,23 @@ class ConflictError(SessionStoreError):
 
 class LockTimeout(SessionStoreError):
     """The session lock was not acquired within ``lock_timeout``."""
+
+
+#: How a request that failed on its session is answered, by error:
+#: ``(error class, HTTP status, debug cause code, plain-text body)``, first match wins.
+#: The middleware and the Flask and Django integrations all answer from this table.
+FAILURE_RESPONSES: tuple[tuple[type[SessionStoreError], int, str, bytes], ...] = (
+    (LockTimeout, 503, "lock-timeout", b"Session busy, please retry.\n"),
+    (StoreUnavailable, 503, "store-unavailable", b"Session store unavailable.\n"),
+    (ConflictError, 409, "concurrent-update", b"The session was changed by another request.\n"),
+    (SerializationError, 500, "serialization-error", b"Session could not be saved.\n"),
+    (SessionTooLarge, 500, "too-large", b"Session too large to save.\n"),
+)
+
+
+def failure_response(exc: BaseException) -> tuple[int, str, bytes] | None:
+    """``(status, cause, body)`` for a session error, or None if ``exc`` is not one."""
+    for kind, status, cause, body in FAILURE_RESPONSES:
+        if isinstance(exc, kind):
+            return status, cause, body
+    return None

@@ -11,20 +11,14 @@ from __future__ import annotations
 
 import logging
 import re
+from http import HTTPStatus
 from typing import Any, Callable, Iterable
 
 from werkzeug.http import dump_cookie
 
 from .cookie_loss import CookieLossDetector
 from .debug import RequestRecord
-from .errors import (
-    ConflictError,
-    LockTimeout,
-    SerializationError,
-    SessionStoreError,
-    SessionTooLarge,
-    StoreUnavailable,
-)
+from .errors import LockTimeout, SerializationError, SessionStoreError, StoreUnavailable, failure_response
 from .manager import CommitOutcome, SessionManager
 from .session import Session
 from .settings import Settings
@@ -38,19 +32,11 @@ _log = logging.getLogger("sessionstore")
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 
 _DEFAULT_KEY = "sessionstore.session"
-_KEY_POINTER = "sessionstore.environ_key"
+#: When ``environ_key`` is not the default, ``environ[ENVIRON_KEY_POINTER]`` names it.
+ENVIRON_KEY_POINTER = "sessionstore.environ_key"
+_KEY_POINTER = ENVIRON_KEY_POINTER
 #: ``environ[RECORD_KEY]`` is the request's :class:`~sessionstore.debug.RequestRecord`.
 RECORD_KEY = "sessionstore.record"
-
-#: (status, cause, body) for errors that replace the application's response.
-_FAILURES: list[tuple[type[BaseException], str, str, bytes]] = [
-    (LockTimeout, "503 Service Unavailable", "lock-timeout", b"Session busy, please retry.\n"),
-    (StoreUnavailable, "503 Service Unavailable", "store-unavailable", b"Session store unavailable.\n"),
-    (ConflictError, "409 Conflict", "concurrent-update", b"The session was changed by another request.\n"),
-    (SerializationError, "500 Internal Server Error", "serialization-error", b"Session could not be saved.\n"),
-    (SessionTooLarge, "500 Internal Server Error", "too-large", b"Session too large to save.\n"),
-]
-
 
 def get_session(environ: dict, key: str | None = None) -> Session:
     """The request's session (``environ[environ_key]``, whatever ``environ_key`` is set to).
@@ -219,11 +205,11 @@ class _Response:
                 self.record.add("cookie-not-returned", likely=reason)
 
     def _failure_response(self, exc: BaseException) -> tuple[str, list, bytes]:
-        for kind, status, cause, body in _FAILURES:
-            if isinstance(exc, kind):
-                break
-        else:
+        answer = failure_response(exc)
+        if answer is None:
             raise exc
+        code, cause, body = answer
+        status = f"{code} {HTTPStatus(code).phrase}"
         self.record.add(cause, error=str(exc))
         if isinstance(exc, SerializationError):
             self.record.details["attribute"] = exc.path

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, MutableMapping
 
 from .debug import log_id
-from .errors import CorruptPayload
+from .errors import CorruptPayload, SerializationError
 from .payload import Meta, Payload
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -205,6 +205,26 @@ class Session(MutableMapping[str, Any]):
         """
         self._ensure()
         self._manager._renew(self, keep_data=True)
+
+    @property
+    def stored(self) -> bool:
+        """Whether the store holds this session under its current id."""
+        return self._loaded and self._s.version is not None
+
+    def has_changes(self) -> bool:
+        """Whether committing now would write: changed content (deep check), a new id,
+        a forced save, or changed metadata. An attribute that cannot be serialized
+        counts as a change (saving it will fail and say why)."""
+        if not self._loaded:
+            return False
+        s = self._s
+        with s.lock:
+            if s.forced or s.meta_changed or s.stale_ids:
+                return True
+            try:
+                return bool(s.changes(self._manager.serializer.dumps))
+            except SerializationError:
+                return True
 
     def mark_modified(self) -> None:
         """Save this session at the end of the request even if nothing changed."""

@@ -6,7 +6,7 @@ import string
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from sessionstore import SessionMiddleware, get_session
+from sessionstore import SessionMiddleware
 from sessionstore import ids
 from sessionstore.payload import Meta, decode, encode
 from sessionstore.signing import CookieSigner, Verdict
