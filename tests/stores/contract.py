@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from sessionstore.stores.base import ANY, Record, SaveResult, Store
+from sessionstore.stores.base import ANY, LockingStore, Record, SaveResult, Store
 
 
 class StoreContract:
@@ -30,7 +30,7 @@ class StoreContract:
 
     @pytest.fixture
     def key(self) -> str:
-        return "sessionstore:test:" + uuid.uuid4().hex
+        return "sessionstore:{test-" + uuid.uuid4().hex + "}"
 
     def test_is_a_store(self, store):
         assert isinstance(store, Store)
@@ -165,3 +165,79 @@ class StoreContract:
         for t in threads:
             t.join()
         assert store.load(key).data == b"100"
+
+
+class LockingContract(StoreContract):
+    """The store contract plus the session-lock protocol (``LockingStore``)."""
+
+    #: Shortest lock expiry the backend honours (memcached rounds up to whole seconds).
+    lock_resolution = 0.3
+
+    @pytest.fixture
+    def other_key(self, key: str) -> str:
+        return key[:-1] + ("x}" if not key.endswith("x}") else "y}")
+
+    def test_is_a_locking_store(self, store):
+        assert isinstance(store, LockingStore)
+
+    def test_lock_is_exclusive_and_owner_only(self, store, key):
+        assert store.lock(key, "a", 5) == (True, None)
+        assert store.lock(key, "b", 5) == (False, None)
+        assert store.unlock(key, "b") is False
+        assert store.renew(key, "b", 5) is False
+        assert store.lock(key, "c", 5)[0] is False  # still a's
+        assert store.unlock(key, "a") is True
+        assert store.unlock(key, "a") is False
+        assert store.lock(key, "b", 5)[0] is True
+
+    def test_lock_race_has_one_winner(self, store, key):
+        barrier = threading.Barrier(8)
+        winners: list[int] = []
+
+        def contender(i: int) -> None:
+            barrier.wait()
+            if store.lock(key, f"t{i}", 5)[0]:
+                winners.append(i)
+
+        threads = [threading.Thread(target=contender, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(winners) == 1
+
+    def test_abandoned_lock_expires(self, store, key, elapse):
+        assert store.lock(key, "crashed", self.lock_resolution)[0]
+        assert store.lock(key, "waiting", 5)[0] is False
+        elapse(self.lock_resolution + self.expiry_slack)
+        assert store.lock(key, "waiting", 5)[0]
+        assert store.renew(key, "crashed", 5) is False
+        assert store.unlock(key, "crashed") is False
+
+    def test_lock_with_load(self, store, key, other_key):
+        version = store.save(key, b"data", 60).version
+        acquired, record = store.lock(key, "a", 5, load_ttl=120)
+        assert acquired and record is not None and record.data == b"data" and record.version == version
+        assert store.lock(key, "b", 5, load_ttl=120) == (False, None)
+        assert store.lock(other_key, "a", 5, load_ttl=120) == (True, None)
+
+    def test_save_and_unlock(self, store, key):
+        version = store.save(key, b"v1", 60).version
+        store.lock(key, "a", 5)
+        result = store.save_and_unlock(key, b"v2", 60, version, "a")
+        assert result.ok and result.version != version
+        assert store.load(key).data == b"v2"
+        assert store.lock(key, "b", 5)[0]  # released
+
+    def test_save_and_unlock_never_frees_anothers_lock(self, store, key):
+        store.lock(key, "owner", 5)
+        assert store.save_and_unlock(key, b"x", 60, ANY, "intruder").ok
+        assert store.lock(key, "b", 5)[0] is False
+
+    def test_save_and_unlock_on_conflict_returns_current_and_unlocks(self, store, key):
+        stale = store.save(key, b"old", 60).version
+        store.save(key, b"theirs", 60, expect=stale)
+        store.lock(key, "a", 5)
+        result = store.save_and_unlock(key, b"mine", 60, stale, "a")
+        assert not result.ok and result.current is not None and result.current.data == b"theirs"
+        assert store.lock(key, "b", 5)[0]

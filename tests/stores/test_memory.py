@@ -4,7 +4,7 @@ import pytest
 
 from sessionstore.stores.memory import MemoryStore
 
-from .contract import StoreContract
+from .contract import LockingContract
 
 
 class FakeClock:
@@ -15,7 +15,7 @@ class FakeClock:
         return self.now
 
 
-class TestMemoryStore(StoreContract):
+class TestMemoryStore(LockingContract):
     @pytest.fixture
     def clock(self):
         return FakeClock()

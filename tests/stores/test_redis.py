@@ -19,13 +19,13 @@ from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
 from sessionstore.errors import ConfigError, CorruptPayload, StoreError, StoreUnavailable
-from sessionstore.stores.base import ANY, LockingStore, Record, close_counter, companion_key, open_counter
+from sessionstore.stores.base import ANY, Record, close_counter, companion_key, open_counter
 from sessionstore.stores import redis as redis_module
 from sessionstore.stores.redis import RedisStore, _parse_url
 from tests.servers.process import free_port
 from tests.servers.redis_fixtures import redis_client, redis_commands
 
-from .contract import StoreContract
+from .contract import LockingContract
 
 
 def session_key() -> str:
@@ -38,7 +38,7 @@ def key() -> str:
     return session_key()
 
 
-class RedisContract(StoreContract):
+class RedisContract(LockingContract):
     """The store contract plus the lock protocol; subclasses provide ``store``."""
 
     @pytest.fixture
@@ -49,75 +49,12 @@ class RedisContract(StoreContract):
     def elapse(self) -> Callable[[float], None]:
         return time.sleep
 
-    def test_is_a_locking_store(self, store):
-        assert isinstance(store, LockingStore)
-
-    def test_lock_is_exclusive_and_owner_only(self, store, key):
-        assert store.lock(key, "a", 5) == (True, None)
-        assert store.lock(key, "b", 5) == (False, None)
-        assert store.unlock(key, "b") is False
-        assert store.renew(key, "b", 5) is False
-        assert store.lock(key, "c", 5)[0] is False  # still a's
-        assert store.unlock(key, "a") is True
-        assert store.unlock(key, "a") is False
-        assert store.lock(key, "b", 5)[0] is True
-
-    def test_lock_race_has_one_winner(self, store, key):
-        barrier = threading.Barrier(12)
-        winners: list[int] = []
-
-        def contender(i: int) -> None:
-            barrier.wait()
-            if store.lock(key, f"t{i}", 5)[0]:
-                winners.append(i)
-
-        threads = [threading.Thread(target=contender, args=(i,)) for i in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert len(winners) == 1
-
-    def test_abandoned_lock_expires(self, store, key):
-        assert store.lock(key, "a", 0.3)[0]
-        time.sleep(0.45)
-        assert store.lock(key, "b", 5)[0]
-        assert store.renew(key, "a", 5) is False
-        assert store.unlock(key, "a") is False
-
     def test_renew_extends_the_lock(self, store, key):
         assert store.lock(key, "a", 0.4)[0]
         time.sleep(0.25)
         assert store.renew(key, "a", 1)
         time.sleep(0.3)  # past the first expiry
         assert store.lock(key, "b", 5)[0] is False
-
-    def test_lock_with_load(self, store, key):
-        version = store.save(key, b"data", 60).version
-        acquired, record = store.lock(key, "a", 5, load_ttl=120)
-        assert acquired and record == Record(b"data", version)
-        assert store.lock(key, "b", 5, load_ttl=120) == (False, None)
-        assert store.lock(session_key(), "a", 5, load_ttl=120) == (True, None)
-
-    def test_save_and_unlock(self, store, key):
-        version = store.save(key, b"v1", 60).version
-        store.lock(key, "a", 5)
-        result = store.save_and_unlock(key, b"v2", 60, version, "a")
-        assert result.ok and result.version != version
-        assert store.load(key) == Record(b"v2", result.version)
-        assert store.lock(key, "b", 5)[0]  # released
-
-    def test_save_and_unlock_never_frees_anothers_lock(self, store, key):
-        store.lock(key, "owner", 5)
-        assert store.save_and_unlock(key, b"x", 60, ANY, "intruder").ok
-        assert store.lock(key, "b", 5)[0] is False
-
-    def test_save_and_unlock_on_conflict_returns_current_and_unlocks(self, store, key):
-        current = store.save(key, b"theirs", 60)
-        store.lock(key, "a", 5)
-        result = store.save_and_unlock(key, b"mine", 60, "0" * 16, "a")
-        assert not result.ok and result.current == Record(b"theirs", current.version)
-        assert store.lock(key, "b", 5)[0]
 
     def test_version_changes_when_a_deleted_key_is_created_again(self, store, key):
         first = store.save(key, b"same", 60, expect=None).version
