@@ -30,7 +30,9 @@ _BACKENDS = {
     "memcached": ("memcached", "MemcachedStore", "memcached"),
     "sqlite": ("sql", "SQLStore", "sql"),
     "postgresql": ("sql", "SQLStore", "sql"),
+    "postgres": ("sql", "SQLStore", "sql"),
     "mysql": ("sql", "SQLStore", "sql"),
+    "mariadb": ("sql", "SQLStore", "sql"),
 }
 
 
