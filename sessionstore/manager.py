@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import secrets
 import threading
 import time
@@ -482,9 +481,9 @@ class SessionManager:
         tombstone = self._tombstone_due(s.meta, ttl)  # type: ignore[arg-type]
         data, plain = self._serialize(s, changes, s.meta)  # type: ignore[arg-type]
         expect = s.version
-        for attempt in range(_MAX_MERGE_ROUNDS):
-            if attempt > 2:  # heavy contention: let the others through (jittered backoff)
-                time.sleep(random.uniform(0, 0.0005 * attempt))
+        for _ in range(_MAX_MERGE_ROUNDS):
+            # no backoff: the version in hand is the newest there is, and sleeping would only
+            # let it go stale again (every failed round means another request did succeed)
             result = self._write(session, key, data, ttl, expect)
             if result.ok:
                 self._saved(session, plain, result.version, key, ttl, tombstone)
@@ -494,7 +493,7 @@ class SessionManager:
                 session._record.add("concurrent-update", destroyed_meanwhile=True)
                 return False
             (data, plain), expect = self._merge_into(session, changes, result.current.data), result.current.version
-        raise StoreUnavailable("session kept changing under concurrent writers; gave up merging")
+        raise ConflictError(sorted(set(changes.written) | changes.removed))
 
     def _write(self, session: Session, key: str, data: bytes, ttl: int | None, expect: Any) -> Any:
         """Conditional save; releases the session lock in the same round trip when held on ``key``."""

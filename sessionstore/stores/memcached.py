@@ -165,8 +165,12 @@ def _exptime(ttl: float | None) -> int:
 
 
 def _lock_exptime(expiry: float) -> int:
-    """Lock expiry rounded up to whole seconds, at least 1."""
-    return _exptime(max(1, math.ceil(expiry)))
+    """Lock expiry in whole seconds, so that the lock lives at least ``expiry`` seconds.
+
+    memcached expires items on a whole-second clock: an item given N seconds
+    lives between N-1 and N, so one more second is added.
+    """
+    return _exptime(math.ceil(expiry) + 1)
 
 
 def _hash(data: bytes) -> int:
