@@ -54,7 +54,8 @@ class Metrics:
                     self.saves += 1
                 else:
                     self.skipped_saves += 1
-            self.causes.update(record.causes)
+            for cause in record.causes:  # usually none: cheaper than Counter.update
+                self.causes[cause] += 1
             wait = record.details.get("lock_wait_ms")
             if wait is not None:
                 self.lock_waits += 1

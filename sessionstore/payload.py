@@ -55,6 +55,7 @@ class Meta:
 
 
 _SEP = b"\x1f"
+_json_decode = json.JSONDecoder().decode  # skips json.loads' per-call argument handling
 
 #: ``(generation, lineage)`` of an attribute.
 Lineage = tuple[int, int]
@@ -183,11 +184,11 @@ def decode(data: bytes) -> Payload:
         (index_len,) = _LEN.unpack_from(data, meta_end)
         index_start = meta_end + 4
         blobs_at = index_start + index_len
-        head = json.loads(data[7:meta_end])
+        head = _json_decode(data[7:meta_end].decode("ascii"))
         meta = Meta(float(head["c"]), float(head["l"]), int(head["i"]), str(head["s"]), head.get("x") or {},
                     float(head.get("t", 0.0)))
         total = int(head["b"])
-    except (struct.error, ValueError, KeyError, TypeError) as exc:
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise CorruptPayload(f"bad payload header: {exc}") from None
     if blobs_at + total != len(data) or not isinstance(meta.index, dict):
         raise CorruptPayload(f"payload length mismatch ({blobs_at + total} != {len(data)})")

@@ -12,12 +12,12 @@ verifies. A value that fails verification is never looked up.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 from enum import Enum
 
 from itsdangerous import Signer
 from itsdangerous.encoding import base64_decode, base64_encode
-from itsdangerous.signer import HMACAlgorithm
 
 from . import ids
 
@@ -51,15 +51,15 @@ class CookieSigner:
     def __init__(self, secret_keys: list[str]) -> None:
         if not secret_keys:  # the start-up checks warn about this
             secret_keys = [secrets.token_urlsafe(32)]
-        # itsdangerous derives a key per secret on every call; derive them once
-        # (same algorithm and keys, so signatures equal itsdangerous' own).
+        # itsdangerous derives a key per secret on every call; derive them once and
+        # compute its HMAC-SHA256 with the one-shot C function (the signatures are
+        # itsdangerous' own, byte for byte).
         signer = Signer(secret_keys, salt="sessionstore.cookie", digest_method=hashlib.sha256)
         self._keys = [signer.derive_key(key) for key in secret_keys]
-        self._algorithm = HMACAlgorithm(hashlib.sha256)
 
     def sign(self, session_id: str) -> str:
         random_part, route = ids.split_route(session_id)
-        raw = self._algorithm.get_signature(self._keys[0], session_id.encode("ascii"))
+        raw = hmac.digest(self._keys[0], session_id.encode("ascii"), "sha256")
         value = random_part + base64_encode(raw).decode("ascii")
         return value if route is None else f"{value}.{route}"
 
@@ -76,6 +76,6 @@ class CookieSigner:
         except Exception:
             return Verdict.MALFORMED
         message = session_id.encode("ascii")
-        if not any(self._algorithm.verify_signature(k, message, raw) for k in self._keys):
+        if not any(hmac.compare_digest(hmac.digest(k, message, "sha256"), raw) for k in self._keys):
             return Verdict.BAD_SIGNATURE
         return session_id

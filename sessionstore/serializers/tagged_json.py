@@ -87,6 +87,9 @@ def _untag(obj: dict) -> Any:
     return obj
 
 
+_decoder = json.JSONDecoder(object_hook=_untag).decode
+
+
 class TaggedJSONSerializer:
     """The default serializer. Exact types only: subclasses of the supported
     types (a ``str`` enum, an ``OrderedDict``) are refused rather than silently
@@ -105,7 +108,7 @@ class TaggedJSONSerializer:
 
     def loads(self, data: bytes) -> Any:
         try:
-            return json.loads(data, object_hook=_untag)
+            return _decoder(data.decode("utf-8"))
         except (ValueError, TypeError, KeyError) as exc:
             raise CorruptPayload(f"undecodable JSON attribute: {exc}") from None
 
