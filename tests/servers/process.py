@@ -23,7 +23,9 @@ def free_port() -> int:
 
 def require_binary(name: str) -> str:
     """Path of ``name`` or a failure (never a skip) telling how to install it."""
-    path = shutil.which(name) or (f"/usr/bin/{name}" if os.path.exists(f"/usr/bin/{name}") else None)
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None
+    )
     if path is None:
         raise RuntimeError(
             f"{name} is not installed: run scripts/test (it installs the Debian packages)"
@@ -53,7 +55,12 @@ class ServerProcess:
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self, timeout: float = 10.0) -> "ServerProcess":
-        log = open(self.workdir / f"server-{self.port}.log", "ab") if self.workdir else subprocess.DEVNULL
+        if self.workdir:
+            with open(self.workdir / f"server-{self.port}.log", "ab") as log:  # the child keeps its copy
+                return self._spawn(log, timeout)
+        return self._spawn(subprocess.DEVNULL, timeout)
+
+    def _spawn(self, log: object, timeout: float) -> "ServerProcess":
         self.proc = subprocess.Popen(
             self.argv,
             cwd=self.workdir,
