@@ -200,6 +200,9 @@ class FlaskSession(SessionMixin):
     def __len__(self) -> int:
         return len(self.store_session)
 
+    def __bool__(self) -> bool:
+        return bool(self.store_session)
+
     def __contains__(self, key: object) -> bool:
         return key in self.store_session
 
@@ -315,10 +318,9 @@ class SessionStoreInterface(SessionInterface):
 
     def _commit(self, session: FlaskSession) -> CommitOutcome:
         inner = session.store_session
-        empty = len(inner) == 0
-        if empty and not inner.is_new and session.modified:
+        if not inner.is_new and not inner and session.modified:  # cheap tests first
             inner.invalidate()  # emptied: destroy it and delete the cookie, as Flask does
-        elif session._force and not (empty and inner.is_new):
+        elif session._force and (inner or not inner.is_new):
             inner.mark_modified()
         return self.manager.commit(inner)
 

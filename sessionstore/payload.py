@@ -113,6 +113,11 @@ class Payload:
         found = self._locate(name)
         return NO_LINEAGE if found is None else found[2]
 
+    @property
+    def has_entries(self) -> bool:
+        """Whether the payload holds any attribute (no parsing)."""
+        return bool(self._index)
+
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.span(name) is not None
 

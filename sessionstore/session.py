@@ -295,6 +295,15 @@ class Session(MutableMapping[str, Any]):
     def __len__(self) -> int:
         return len(self._ensure().names())
 
+    def __bool__(self) -> bool:
+        """Whether the session holds any attribute; without parsing the index when it can."""
+        s = self._ensure()
+        if s.values:
+            return True
+        if s.payload is None or not s.payload.has_entries:
+            return False
+        return not s.removed or bool(s.names())
+
     def copy(self) -> dict[str, Any]:
         """A plain dict of every attribute (marks them all touched)."""
         return dict(self.items())
