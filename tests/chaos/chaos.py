@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import ctypes
 import http.client
 import json
 import os
@@ -68,7 +67,7 @@ from pathlib import Path
 from typing import Callable
 
 from tests.chaos.balancer import Balancer
-from tests.servers.process import ServerProcess, free_port, require_binary, wait_for_port
+from tests.servers.process import ServerProcess, die_with_parent, free_port, require_binary, wait_for_port
 
 __all__ = ["Scenario", "Report", "run_scenario", "timeline", "main"]
 
@@ -85,19 +84,6 @@ REDIS_DOWNTIME = 1.5
 
 
 # -- processes ---------------------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1
-try:
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux
-    _prctl = None
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL me when the thread that forked me dies."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
 
 _live: dict[int, "ChaosProcess"] = {}  # id() -> process, for the atexit safety net
 _live_guard = threading.Lock()
@@ -121,7 +107,7 @@ class ChaosProcess(ServerProcess):
         with open(self.workdir / f"{self.name or 'server'}-{self.port}.log", "ab") as log:
             self.proc = subprocess.Popen(
                 self.argv, cwd=self.cwd or self.workdir, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                start_new_session=True, preexec_fn=die_with_parent,
             )
         self.starts += 1
         with _live_guard:

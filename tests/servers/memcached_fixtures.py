@@ -52,7 +52,7 @@ COMMAND_STATS = (
 def _argv(port: int) -> list[str]:
     argv = [require_binary("memcached"), "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-m", "32", "-t", "2"]
     if os.geteuid() == 0:
-        argv += ["-u", "nobody"]  # memcached refuses to run as root without -u
+        argv += ["-u", "root"]  # required as root; keeping the uid keeps PR_SET_PDEATHSIG
     return argv
 
 

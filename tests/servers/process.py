@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -11,7 +12,25 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["free_port", "require_binary", "ServerProcess", "wait_for_port"]
+__all__ = ["free_port", "require_binary", "ServerProcess", "wait_for_port", "die_with_parent"]
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it when the thread that forked it ends.
+
+    A test run that is itself killed then leaves no server behind. Start servers
+    from the thread that outlives them (the test's main thread): the signal
+    follows the forking *thread*. A child that changes its uid (memcached's
+    ``-u nobody``) loses it, so the fixtures keep memcached's uid.
+    """
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def free_port() -> int:
@@ -67,6 +86,7 @@ class ServerProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         try:
             wait_for_port(self.port, timeout)
