@@ -3,7 +3,8 @@
 One function per subcommand adds its parser and sets ``run``, the function
 that does the work and returns the exit status::
 
-    sessionstore demo [--host 127.0.0.1] [--port 8000] [--store memory://] [--selftest]
+    sessionstore demo [--mode non-sticky|sticky] [--store URL] [--kill-node] [--host H] [--port P]
+                      [--selftest]
     sessionstore inspect SESSION --store URL [--key-prefix P] [--secret-key K ...]
                                  [--encryption-key K ...] [--json]
     sessionstore doctor --store URL [--setting field=value ...]
@@ -59,14 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
 def add_demo(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "demo",
-        help="serve a small demo app with sessions (or check it with --selftest)",
-        description="Serve a small WSGI app wrapped in SessionMiddleware, with debug output on.",
+        help="run two app nodes behind a load balancer, sharing sessions (or check it all with --selftest)",
+        description="Start two node processes serving a small app wrapped in SessionMiddleware (debug on) and "
+                    "a load balancer in front of them, on an SQLite file in a temporary directory unless "
+                    "--store says otherwise, and print the URL to open. Ctrl-C stops everything.",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=_port, default=8000, help="port to listen on, 0 for any free one (default: %(default)s)")
-    p.add_argument("--store", default="memory://", help="store URL (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address the balancer listens on (default: %(default)s)")
+    p.add_argument("--port", type=_port, default=None,
+                   help="port the balancer listens on, 0 for any free one (default: 8000; with --selftest: any)")
+    p.add_argument("--mode", choices=("non-sticky", "sticky"), default="non-sticky",
+                   help="non-sticky: round robin, the store holds the session; sticky: the balancer routes by "
+                        "the cookie's .n1/.n2 route, the store holds a backup (default: %(default)s)")
+    p.add_argument("--store", default=None,
+                   help="store URL, e.g. redis://127.0.0.1:6379/0 or memcached://127.0.0.1:11211 "
+                        "(default: an SQLite file in a temporary directory)")
+    p.add_argument("--kill-node", action="store_true",
+                   help="put a button on the page that kills the node answering it with SIGKILL, to watch "
+                        "the failover (a dead node is restarted after a few seconds); the self-test then "
+                        "kills its node through that button")
     p.add_argument("--selftest", action="store_true",
-                   help="start the demo on a free port, walk through it with an HTTP client, exit 0 if all steps pass")
+                   help="start the demo on free ports, walk through it with an HTTP client through the balancer "
+                        "(ending with a node killed), stop everything, exit 0 if all steps pass")
     p.set_defaults(run=run_demo)
 
 
@@ -74,8 +88,10 @@ def run_demo(args: argparse.Namespace) -> int:
     from . import demo
 
     if args.selftest:
-        return demo.selftest(store=args.store)
-    return demo.serve(host=args.host, port=args.port, store=args.store)
+        return demo.selftest(mode=args.mode, store=args.store, host=args.host,
+                             port=args.port or 0, kill_node=args.kill_node)
+    return demo.serve(host=args.host, port=8000 if args.port is None else args.port, store=args.store,
+                      mode=args.mode, kill_node=args.kill_node)
 
 
 def _port(text: str) -> int:

@@ -436,7 +436,7 @@ class SessionStore(SessionBase):
         self._record.store_ops = store_ops
         self._manager.metrics.observe(self._record, self._inner.loaded)
         if self._manager.settings.debug:
-            self._record.emit(self._manager.node_id, self._manager.settings.mode)
+            self._record.emit(self._manager.settings.node_id, self._manager.settings.mode)
 
 
 # -- optional middleware -----------------------------------------------------------------------

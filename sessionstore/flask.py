@@ -400,7 +400,7 @@ class SessionStoreInterface(SessionInterface):
         session.record.store_ops = counter.n
         self.manager.metrics.observe(session.record, session.store_session.loaded)
         if self.settings.debug:
-            session.record.emit(self.manager.node_id, self.settings.mode)
+            session.record.emit(self.settings.node_id, self.settings.mode)
 
 
 def _failure(exc: SessionStoreError) -> tuple[int, str, bytes]:

@@ -124,7 +124,7 @@ class SessionMiddleware:
             return self.app(environ, start)
         finally:
             self.manager.metrics.observe(record, False)
-            record.emit(self.manager.node_id, self.settings.mode)
+            record.emit(self.settings.node_id, self.settings.mode)
 
     # -- cookies -----------------------------------------------------------------
 
@@ -254,7 +254,7 @@ class _Response:
         self.record.store_ops = self.counter.n
         self.mw.manager.metrics.observe(self.record, self.session.loaded)
         if self.mw.settings.debug:
-            self.record.emit(self.mw.manager.node_id, self.mw.settings.mode)
+            self.record.emit(self.mw.settings.node_id, self.mw.settings.mode)
 
 
 def _close(body: Iterable[bytes]) -> None:
