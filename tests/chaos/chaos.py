@@ -8,7 +8,7 @@
 Per mode × store, everything real and on loopback:
 
 * three app nodes (:mod:`tests.chaos.node`, werkzeug threaded, separate
-  processes) behind :class:`~tests.chaos.balancer.Balancer` (round robin,
+  processes) behind :class:`~sessionstore.balancer.Balancer` (round robin,
   failover on refused connections, sticky routes by the cookie's ``.<node>``);
 * Redis with ``--appendonly yes --appendfsync always`` in the run's temporary
   directory (a Redis without persistence loses every session when it restarts;
@@ -28,7 +28,7 @@ The scripted faults (times are fractions of ``--seconds``; see :func:`timeline`)
 Accounting, per user: a ``200`` answer to ``/inc`` is *acknowledged* (it
 carries the new value); any other answer, or a broken connection, is *in
 doubt* (the increment may or may not have landed) and the user goes on; a
-``503 no-upstream`` from the balancer (every node refused the connection:
+``503 no-backend`` from the balancer (every node refused the connection:
 nothing was sent) is *undelivered*, certainly not applied. At the end each
 user's counter is read through the balancer and must satisfy::
 
@@ -66,7 +66,7 @@ from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import Callable
 
-from tests.chaos.balancer import Balancer
+from sessionstore.balancer import Balancer
 from tests.servers.process import ServerProcess, die_with_parent, free_port, require_binary, wait_for_port
 
 __all__ = ["Scenario", "Report", "run_scenario", "timeline", "main"]
@@ -306,7 +306,7 @@ class User:
             self.deficit = max(self.deficit, self.acked - value)
             return
         balancer_error = answer.headers.get("X-Balancer-Error")
-        if answer.status == 503 and balancer_error == "no-upstream":
+        if answer.status == 503 and balancer_error == "no-backend":
             self.undelivered += 1
             self.errors["503 no-upstream (undelivered)"] += 1
             return
@@ -547,7 +547,7 @@ def run_scenario(scenario: Scenario, workdir: Path, log: Callable[[str], None] =
             node.spawn()
         for node in nodes.values():
             node.ready()
-        balancer = Balancer({nid: n.port for nid, n in nodes.items()}, sticky=scenario.mode == "sticky").start()
+        balancer = Balancer([(nid, "127.0.0.1", n.port) for nid, n in nodes.items()], mode=scenario.mode).start()
         _warm_up(balancer.port)
 
         # -- the faults
@@ -605,7 +605,7 @@ def run_scenario(scenario: Scenario, workdir: Path, log: Callable[[str], None] =
             _store_copies(users, checker.port)
         persistence = ("--appendonly yes --appendfsync always (a restart keeps every acknowledged write)"
                        if redis_proc is not None else None)
-        report = Report(scenario, users, events, elapsed, Counter(balancer.stats), Counter(), workdir, persistence)
+        report = Report(scenario, users, events, elapsed, sum(balancer.stats.values(), Counter()), Counter(), workdir, persistence)
     finally:
         if balancer is not None:
             balancer.stop()
