@@ -319,6 +319,8 @@ class Bench:
                 app, store=url, secret_key="bench", debug=True, ignore_pattern=IGNORE,
                 max_inactive=MAX_INACTIVE, clock=clock, **fields,
             )
+            if mw.manager.feed is not None:  # its background polls are not any request's commands
+                mw.manager.feed.close()
             tombstones = mw.manager.tombstones
             for method in ("alive", "destroyed"):
                 original = getattr(tombstones, method)

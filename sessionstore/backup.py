@@ -12,6 +12,15 @@ the number of sessions, and by ``max_pending`` beyond which the oldest
 pending operation is dropped with an error in the log. ``flush()`` (called
 by ``manager.close()`` and at interpreter exit) waits until the queue is
 empty.
+
+Index entries of a session (``index`` / ``unindex``) travel through the same
+queue, under the key ``<session key>:ix``, so in async mode they land after
+the session write queued before them.
+
+A session destroyed from another node (single sign-out) must never be
+written back: :meth:`BackupWriter.discard` drops what is pending for it, and
+the optional ``gate(key)`` is asked before every write (and again after
+one: a session write that raced with the destruction is deleted again).
 """
 
 from __future__ import annotations
@@ -23,10 +32,10 @@ import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from .errors import StoreError
-from .stores.base import Store
+from .stores.base import INDEX_SUFFIX, Store, companion_key, is_companion
 
 __all__ = ["BackupWriter"]
 
@@ -35,17 +44,23 @@ _log = logging.getLogger("sessionstore")
 
 @dataclass(frozen=True, slots=True)
 class _Op:
-    kind: str  # "save" | "touch" | "delete"
+    kind: str  # "save" | "touch" | "delete" | "index" | "unindex"
     data: bytes | None = None
     ttl: int | None = None
+    names: tuple[str, ...] = ()  # "index": the index keys to record
 
 
 class BackupWriter:
     """Writes, touches and deletes session backups in ``store``."""
 
     def __init__(self, store: Store, *, asynchronous: bool, max_pending: int = 100_000,
-                 max_backoff: float = 5.0) -> None:
+                 max_backoff: float = 5.0, index_store: Any = None,
+                 gate: Callable[[str], bool] | None = None) -> None:
+        """``index_store``: where ``index``/``unindex`` go (default ``store``); ``gate(key)``:
+        False when ``key`` (or the session it belongs to) must not be written any more."""
         self.store = store
+        self.index_store = store if index_store is None else index_store
+        self._gate = gate
         self.asynchronous = asynchronous
         self.max_pending = max_pending
         self.max_backoff = max_backoff
@@ -71,6 +86,25 @@ class BackupWriter:
     def delete(self, key: str) -> bool:
         return self._submit(key, _Op("delete"))
 
+    def index(self, key: str, names: Iterable[str], ttl: int | None) -> bool:
+        """Record session ``key`` under the index keys ``names`` (``IndexStore.index_add``)."""
+        return self._submit(companion_key(key, INDEX_SUFFIX), _Op("index", ttl=ttl, names=tuple(names)))
+
+    def unindex(self, key: str) -> bool:
+        """Drop the index entries of session ``key`` (``IndexStore.index_drop``)."""
+        return self._submit(companion_key(key, INDEX_SUFFIX), _Op("unindex"))
+
+    def discard(self, keys: Iterable[str]) -> int:
+        """Drop the pending operations of ``keys`` (a destroyed session); how many there were.
+
+        An operation being applied right now cannot be taken back: the gate
+        catches it after it lands.
+        """
+        with self._cond:
+            dropped = sum(self._pending.pop(key, None) is not None for key in keys)
+            self._cond.notify_all()
+        return dropped
+
     @property
     def pending(self) -> int:
         """Operations waiting for the store."""
@@ -84,7 +118,7 @@ class BackupWriter:
                 busy = bool(self._pending) or self._inflight is not None
             if not busy:  # keep per-key order: never overtake queued work
                 try:
-                    _apply(self.store, key, op)
+                    self._apply(key, op)
                     return True
                 except StoreError as exc:
                     self.failures += 1
@@ -94,8 +128,12 @@ class BackupWriter:
 
     def _enqueue(self, key: str, op: _Op) -> None:
         with self._cond:
-            if op.kind == "touch" and self._pending.get(key, op).kind == "save":
+            pending = self._pending.get(key)
+            if op.kind == "touch" and pending is not None and pending.kind == "save":
                 op = _Op("save", op.data, op.ttl)  # a pending save: the touch's data is as new
+            elif op.kind == "index" and pending is not None and pending.kind == "index":
+                ttl = None if op.ttl is None or pending.ttl is None else max(op.ttl, pending.ttl)
+                op = _Op("index", ttl=ttl, names=tuple(dict.fromkeys(pending.names + op.names)))
             self._pending.pop(key, None)
             self._pending[key] = op
             while len(self._pending) > self.max_pending:
@@ -125,7 +163,7 @@ class BackupWriter:
                 key, op = self._pending.popitem(last=False)
                 self._inflight = key
             try:
-                _apply(self.store, key, op)
+                self._apply(key, op)
                 backoff, self._retry_at = 0.05, 0.0
             except StoreError as exc:
                 self.failures += 1
@@ -166,8 +204,20 @@ class BackupWriter:
             self._cond.notify_all()
         _live_writers.discard(self)
 
+    def _apply(self, key: str, op: _Op) -> Any:
+        """Apply ``op`` unless the gate forbids it; undo a session write the gate closed on meanwhile."""
+        gate = self._gate
+        if gate is None or op.kind in ("delete", "unindex"):
+            return _apply(self.store, self.index_store, key, op)
+        if not gate(key):
+            return None
+        result = _apply(self.store, self.index_store, key, op)
+        if op.kind in ("save", "touch") and not is_companion(key) and not gate(key):
+            self.store.delete(key)  # destroyed while this write was on its way: take it back
+        return result
 
-def _apply(store: Store, key: str, op: _Op) -> Any:
+
+def _apply(store: Store, index_store: Any, key: str, op: _Op) -> Any:
     if op.kind == "save":
         return store.save(key, op.data, op.ttl)  # type: ignore[arg-type]
     if op.kind == "touch":
@@ -175,7 +225,15 @@ def _apply(store: Store, key: str, op: _Op) -> Any:
             _log.info("sessionstore: a session backup was gone from the store; rewritten")
             store.save(key, op.data, op.ttl)  # type: ignore[arg-type]
         return None
+    if op.kind == "index":
+        return index_store.index_add(_session_key(key), list(op.names), op.ttl)
+    if op.kind == "unindex":
+        return index_store.index_drop(_session_key(key))
     return store.delete(key)
+
+
+def _session_key(index_companion: str) -> str:
+    return index_companion[: -len(INDEX_SUFFIX) - 1]
 
 
 _live_writers: "weakref.WeakSet[BackupWriter]" = weakref.WeakSet()

@@ -308,7 +308,7 @@ def _read_record(found: Inspection, record: Record, encryption_keys: list[str]) 
         if found.encrypted:
             from .encryption import Sealer
 
-            data = Sealer(encryption_keys).open(data)
+            data = Sealer(encryption_keys).open(data, found.key)
         payload = decode(data)
         _read_payload(found, payload)
     except CorruptPayload as exc:

@@ -8,7 +8,10 @@ anything in it is decoded. Keys rotate like ``secret_key``: the first key
 encrypts, every key decrypts.
 
 Layout: ``b"SSE1" | 12-byte random nonce | ciphertext | 16-byte tag``. The
-whole payload is sealed, so a request that reads one attribute decrypts the
+store key is the associated data: a sealed record opens only under the key
+it was written to, so records cannot be swapped between sessions (copying an
+admin's record onto a guest's key gives a refused payload, not an admin
+session). The whole payload is sealed, so a request that reads one attribute decrypts the
 whole session (the per-attribute laziness of plain payloads is traded for
 confidentiality). Needs the ``cryptography`` package (``sessionstore[encryption]``).
 """
@@ -39,20 +42,27 @@ class Sealer:
             ) from None
         self._ciphers = [AESGCM(_derive(key)) for key in keys]
 
-    def seal(self, payload: bytes) -> bytes:
+    def seal(self, payload: bytes, key: str) -> bytes:
+        """Encrypt ``payload`` for the store key ``key``."""
         nonce = os.urandom(_NONCE)
-        return _MAGIC + nonce + self._ciphers[0].encrypt(nonce, payload, _AAD)
+        return _MAGIC + nonce + self._ciphers[0].encrypt(nonce, payload, _aad(key))
 
-    def open(self, data: bytes) -> bytes:
+    def open(self, data: bytes, key: str) -> bytes:
+        """Decrypt a record read from ``key``; :class:`CorruptPayload` if it was not sealed for it."""
         if data[:4] != _MAGIC:
             raise CorruptPayload("payload is not encrypted but encryption_key is set; refusing it")
-        nonce, sealed = data[4:4 + _NONCE], data[4 + _NONCE:]
+        nonce, sealed, aad = data[4:4 + _NONCE], data[4 + _NONCE:], _aad(key)
         for cipher in self._ciphers:
             try:
-                return cipher.decrypt(nonce, sealed, _AAD)
+                return cipher.decrypt(nonce, sealed, aad)
             except Exception:  # InvalidTag: wrong key or altered data; try the next key
                 continue
-        raise CorruptPayload("payload failed authenticated decryption (altered, or sealed with an unknown key)")
+        raise CorruptPayload("payload failed authenticated decryption (altered, moved from another "
+                             "session, or sealed with an unknown key)")
+
+
+def _aad(store_key: str) -> bytes:
+    return _AAD + b"\0" + store_key.encode("utf-8")
 
 
 def _derive(key: str) -> bytes:

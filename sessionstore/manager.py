@@ -15,6 +15,11 @@ In sticky mode the manager's store is a :class:`~sessionstore.sticky.StickyStore
 (this node's memory first, the shared store as backup); the manager adds
 the route logic (a session id carrying another node's route is a failover)
 and shares one session state between concurrent requests of a session.
+Sessions destroyed from another node, or moved away by a failover, reach
+this node through the invalidation feed (:mod:`sessionstore.invalidation`).
+
+The index for single sign-out (``session.index``, :meth:`SessionManager.find_by_index`,
+:meth:`SessionManager.invalidate_by_index`) is described in :mod:`sessionstore.index`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import math
 import secrets
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -42,6 +48,8 @@ from .locking import LockPolicy, LockRenewer
 from .metrics import Metrics, TimedStore
 from .stores.base import LockingStore, Record, Store
 from .tombstones import Tombstones
+from .index import SessionIndex, entry_ttl
+from .invalidation import InvalidationFeed, feed_kind
 
 __all__ = ["SessionManager", "CommitOutcome", "merge"]
 
@@ -72,11 +80,14 @@ class SessionManager:
         self.clock = clock or time.time
         if store is None:
             store = open_store(settings.store, clock=self.clock)
+        self.metrics = Metrics()
+        self._sticky: Any = None
+        #: The shared store itself (in sticky mode: past this node's memory and backup writer).
+        self._shared: Any = TimedStore(store, self.metrics)
         if settings.sticky:
             from .sticky import StickyStore
 
-            store = StickyStore(store, settings, clock=self.clock)
-        self.metrics = Metrics()
+            store = self._sticky = StickyStore(store, settings, clock=self.clock)
         self.store: Store = TimedStore(store, self.metrics)  # type: ignore[assignment]
         self.serializer: Serializer = get_serializer(settings.serializer, settings.secret_keys)
         self._readers: dict[str, Serializer] = {self.serializer.name: self.serializer}
@@ -89,6 +100,12 @@ class SessionManager:
         self._live_lock = threading.Lock()
         self._load_locks = [threading.Lock() for _ in range(64)] if settings.sticky else []
         self.tombstones = Tombstones(self.store, self.clock)
+        #: Tombstones of destroyed sessions, written straight to the shared store.
+        self._final_tombstones = Tombstones(self._shared, self.clock)
+        self.index = SessionIndex(self._shared, self._prefix)
+        self.feed: InvalidationFeed | None = None
+        if self._sticky is not None:
+            self._start_feed()
         self.lock_policy = LockPolicy(settings.locking)
         self._renewer: LockRenewer | None = None
         if settings.locking != "none":
@@ -126,15 +143,93 @@ class SessionManager:
         self.commit(session)
 
     def invalidate(self, session_id: str) -> bool:
-        """Destroy the stored session ``session_id`` (from any node). True if it existed."""
+        """Destroy the stored session ``session_id`` (from any node). True if it existed.
+
+        In sticky mode the node holding it in memory drops it too (within a
+        second, through the invalidation feed).
+        """
         if not ids.is_valid(session_id):
             return False
+        destroyed = self._destroy(session_id)
+        self._publish([session_id], "invalidated")
+        return destroyed
+
+    def find_by_index(self, name: str, value: str) -> list[str]:
+        """Ids of the live sessions that called ``session.index(name, value)`` (from any node)."""
+        keys = self._index_store().index_find(self.index.key(name, value))
+        found = [self.index.session_id(key) for key in keys]
+        return [sid for sid in found if sid is not None and ids.is_valid(sid)]
+
+    def invalidate_by_index(self, name: str, value: str) -> int:
+        """Destroy every session found by :meth:`find_by_index`, each as :meth:`invalidate` does
+        (deleted, ``invalidated`` tombstone, ``destroyed`` listeners, index entries removed).
+        Returns how many sessions were destroyed."""
+        found = self.find_by_index(name, value)
+        destroyed = [sid for sid in found if self._destroy(sid)]
+        self._publish(found, "invalidated")
+        return len(destroyed)
+
+    def _index_store(self) -> Any:
+        if not self.index.enabled:
+            raise ConfigError("store", f"the {type(self._shared.wrapped).__name__} store keeps no index")
+        return self._shared
+
+    def _destroy(self, session_id: str) -> bool:
+        """Delete a session from everywhere (this node's memory included) and say so once."""
         key = self.key(session_id)
-        deleted = self.store.delete(key)
-        if deleted:
-            self.tombstones.destroyed(key, "invalidated", self._default_ttl())
+        if self._sticky is not None:
+            existed = self._sticky.drop_session(key, everywhere=True)
+            self._unshare(session_id)
+        else:
+            existed = self.store.delete(key)
+        if self.index.enabled and (existed or self._sticky is not None):
+            self._shared.index_drop(key)
+        if existed:
+            self._final_tombstones.destroyed(key, "invalidated", self._default_ttl())
             self.listeners.emit(SessionEvent("destroyed", session_id, reason="invalidated"))
-        return deleted
+        return existed
+
+    def _publish(self, session_ids: list[str], reason: str) -> None:
+        if self.feed is not None and session_ids:
+            self.feed.publish(session_ids, reason)
+
+    # -- the invalidation feed (sticky mode) ------------------------------------------------
+
+    def _start_feed(self) -> None:
+        shared = self._sticky.shared
+        if feed_kind(shared) is None:
+            _log.warning("sessionstore: the %s store has no invalidation feed: a session invalidated on another "
+                         "node stays usable on the node holding it until it expires there", type(shared).__name__)
+            return
+        self.feed = InvalidationFeed(self._shared, f"{self._prefix}inv", self.node_id,  # type: ignore[arg-type]
+                                     self._invalidated_elsewhere, self._feed_lost)
+        self.feed.start()
+        # a manager dropped without close() stops listening (without blocking whoever collects it)
+        weakref.finalize(self, self.feed.close, False)
+
+    def _invalidated_elsewhere(self, session_ids: list[str], reason: str) -> None:
+        """Another node destroyed (``invalidated``) or took over (``moved``) these sessions."""
+        for session_id in session_ids:
+            key = self.key(session_id)
+            held = self._sticky.drop_session(key, everywhere=False)
+            self._unshare(session_id)
+            if held and reason == "invalidated":  # a write of ours may have landed after theirs
+                self._final_tombstones.destroyed(key, "invalidated", self._default_ttl())
+
+    def _feed_lost(self) -> None:
+        count = self._sticky.suspect_all()
+        if count:
+            _log.warning("sessionstore: invalidations may have been missed; checking %d local session(s) "
+                         "against the store on their next use", count)
+
+    def _gone(self, key: str) -> bool:
+        """Sticky mode: whether ``key`` was destroyed by another call (whose listeners fired)."""
+        return bool(self._sticky.is_destroyed(key))
+
+    def _unshare(self, session_id: str) -> None:
+        """No later request may share the in-memory state of ``session_id``."""
+        with self._live_lock:
+            self._live.pop(session_id, None)
 
     def stats(self) -> dict[str, Any]:
         """Counters and store timings since start (see :mod:`sessionstore.metrics`)."""
@@ -142,6 +237,8 @@ class SessionManager:
 
     def close(self) -> None:
         """Flush pending work (async backups) and close store connections."""
+        if self.feed is not None:
+            self.feed.close()
         if self._renewer is not None:
             self._renewer.close()
         self.store.close()
@@ -253,7 +350,7 @@ class SessionManager:
         """Fill ``session`` from a stored record; False (and a cause) if unusable."""
         record = session._record
         try:
-            payload = self._decode(stored.data)
+            payload = self._decode(stored.data, self.key(session_id))
             self._reader(payload.meta.serializer)
         except CorruptPayload as exc:
             record.add("corrupt-payload", error=str(exc))
@@ -263,6 +360,8 @@ class SessionManager:
             record.add("expired", expired="max_age")
             key = self.key(session_id)
             self.store.delete(key)
+            if payload.meta.index and self.index.enabled:
+                self.store.index_drop(key)  # type: ignore[attr-defined]
             self.tombstones.destroyed(key, "expired", self._default_ttl())
             self.listeners.emit(SessionEvent("destroyed", session_id, reason="expired"))
             return False
@@ -281,8 +380,12 @@ class SessionManager:
         or two parallel requests failing over, must end as one session.
         """
         with self._load_locks[hash(session_id) % len(self._load_locks)]:
+            key = self.key(session_id)
             with self._live_lock:
                 state = self._live.get(session_id)
+                if state is not None and self._sticky.is_destroyed(key):  # destroyed elsewhere meanwhile
+                    del self._live[session_id]
+                    state = None
                 if state is not None:
                     state.users += 1
             if state is not None:
@@ -311,7 +414,7 @@ class SessionManager:
         if not self._adopt(session, session_id, stored):
             return
         s = session._s
-        s.stale_ids.append((session_id, "moved"))
+        s.stale_ids.append((session_id, "moved", bool(s.meta.index)))  # type: ignore[arg-type, union-attr]
         s.id = ids.new_id(self.node_id)
         s.version = None  # not stored under the new id yet: the commit creates it
         s.forced = True
@@ -340,14 +443,14 @@ class SessionManager:
         s = session._s
         if keep_data:
             if s.version is not None:
-                s.stale_ids.append((s.id, "rotated"))  # type: ignore[arg-type]
+                s.stale_ids.append((s.id, "rotated", bool(self.index.stored(s))))  # type: ignore[arg-type]
             s.id = ids.new_id(self.node_id)
             s.version = None
             s.forced = True
             session._record.details["rotated"] = True
         else:
             if s.version is not None:
-                s.stale_ids.append((s.id, "invalidated"))  # type: ignore[arg-type]
+                s.stale_ids.append((s.id, "invalidated", bool(self.index.stored(s))))  # type: ignore[arg-type]
                 session._record.add("invalidated")
             s.reset()
             self._start_new(session)
@@ -438,21 +541,38 @@ class SessionManager:
         return CommitOutcome()
 
     def _drop_stale(self, session: Session, *reasons: str) -> None:
-        """Delete the ids this request retired for ``reasons`` and tell listeners."""
+        """Delete the ids this request retired for ``reasons`` and tell listeners.
+
+        ``s.stale_ids`` holds ``(old id, reason, had index entries)``.
+        """
         s = session._s
         stale = [item for item in s.stale_ids if item[1] in reasons]
         if not stale:
             return
         s.stale_ids[:] = [item for item in s.stale_ids if item[1] not in reasons]
-        for old_id, why in stale:
+        moved = []
+        for old_id, why, indexed in stale:  # type: ignore[misc]
             key = self.key(old_id)
-            self.store.delete(key)
+            deleted = self.store.delete(key)
+            if indexed and self.index.enabled:
+                self.store.index_drop(key)  # type: ignore[attr-defined]
+            if why == "moved":
+                moved.append(old_id)
             if why == "invalidated":
-                self.tombstones.destroyed(key, "invalidated", self._default_ttl())
-                self.listeners.emit(SessionEvent("destroyed", old_id, reason="invalidated"))
+                # destroyed meanwhile by another call (invalidate_by_index, another logout)?
+                # Then that call wrote the tombstone and told the listeners: once per session.
+                told = self._gone(key) if self._sticky is not None else not deleted
+                if not told:
+                    self.tombstones.destroyed(key, "invalidated", self._default_ttl())
+                    self.listeners.emit(SessionEvent("destroyed", old_id, reason="invalidated"))
                 continue
             self.tombstones.destroyed(key, "replaced", self._default_ttl())
             self.listeners.emit(SessionEvent("id_changed", s.id, old_id=old_id))  # type: ignore[arg-type]
+        if moved:  # the node we took them over from must drop its copy
+            try:
+                self._publish(moved, "moved")
+            except StoreUnavailable as exc:
+                _log.warning("sessionstore: could not tell the previous node that a session moved: %s", exc)
 
     def _create(self, session: Session, changes: Changes) -> bool:
         """Store a session under an id nothing is stored under yet (new, rotated, moved).
@@ -466,6 +586,7 @@ class SessionManager:
         s.meta.tombstoned = 0.0  # type: ignore[union-attr]  # a new id: its tombstone is due now
         tombstone = self._tombstone_due(s.meta, ttl)  # type: ignore[arg-type]
         data, plain = self._serialize(s, changes, s.meta)  # type: ignore[arg-type]
+        self._record_index(key, s, ttl, all_pairs=True)  # a new key: every pair, before the session
         result = self.store.save(key, data, ttl, expect=None)
         if not result.ok:  # 256 random bits collided: give up rather than overwrite
             raise StoreUnavailable("session id collision; refusing to overwrite another session")
@@ -480,6 +601,7 @@ class SessionManager:
         key, ttl = self.key(s.id), self._ttl(s.meta)  # type: ignore[arg-type]
         tombstone = self._tombstone_due(s.meta, ttl)  # type: ignore[arg-type]
         data, plain = self._serialize(s, changes, s.meta)  # type: ignore[arg-type]
+        self._record_index(key, s, ttl, all_pairs=tombstone is not None)  # new pairs; all on a refresh
         expect = s.version
         for _ in range(_MAX_MERGE_ROUNDS):
             # no backoff: the version in hand is the newest there is, and sleeping would only
@@ -508,7 +630,7 @@ class SessionManager:
         record: RequestRecord = session._record
         s = session._s
         try:
-            theirs: Payload | None = self._decode(theirs_data)
+            theirs: Payload | None = self._decode(theirs_data, self.key(s.id))  # type: ignore[arg-type]
         except CorruptPayload:
             theirs = None
         merged, conflicts = merge(
@@ -524,7 +646,8 @@ class SessionManager:
             if self.settings.on_conflict == "error":
                 raise ConflictError(sorted(conflicts))
         meta = s.meta if theirs is None else _merged_meta(s, theirs.meta)
-        return self._finish_payload(meta, [(name, blob, gen) for name, (blob, gen) in merged.items()])
+        blobs = [(name, blob, gen) for name, (blob, gen) in merged.items()]
+        return self._finish_payload(meta, blobs, self.key(s.id))  # type: ignore[arg-type]
 
     def _serialize(self, s: SessionState, changes: Changes, meta: Meta) -> tuple[bytes, bytes]:
         payload = s.payload
@@ -542,19 +665,26 @@ class SessionManager:
         for name, blob in changes.written.items():
             if payload is None or name not in payload:
                 blobs.append((name, blob, (1, 1)))
-        return self._finish_payload(meta, blobs)
+        return self._finish_payload(meta, blobs, self.key(s.id))  # type: ignore[arg-type]
 
-    def _finish_payload(self, meta: Meta, blobs: Any) -> tuple[bytes, bytes]:
-        """``(bytes to store, plain payload)``: encoded, size-checked, sealed if encryption is on."""
+    def _finish_payload(self, meta: Meta, blobs: Any, key: str) -> tuple[bytes, bytes]:
+        """``(bytes to store, plain payload)``: encoded, size-checked, and sealed to ``key``
+        when encryption is on (a sealed record opens only under the key it was written to)."""
         meta.last_accessed = self.clock()
         plain = encode(meta, blobs)
         if len(plain) > self.settings.max_size:
             raise SessionTooLarge(len(plain), self.settings.max_size)
-        return (plain if self._sealer is None else self._sealer.seal(plain)), plain
+        return (plain if self._sealer is None else self._sealer.seal(plain, key)), plain
 
-    def _decode(self, data: bytes) -> Payload:
-        """A stored record's payload (opened first when encryption is on)."""
-        return decode(data if self._sealer is None else self._sealer.open(data))
+    def _decode(self, data: bytes, key: str) -> Payload:
+        """The payload of the record stored under ``key`` (opened first when encryption is on)."""
+        return decode(data if self._sealer is None else self._sealer.open(data, key))
+
+    def _record_index(self, key: str, s: SessionState, ttl: int | None, *, all_pairs: bool) -> None:
+        """Write the index entries this save needs (see :mod:`sessionstore.index`)."""
+        names = self.index.pending(s, all_pairs=all_pairs)
+        if names:
+            self.store.index_add(key, names, entry_ttl(ttl))  # type: ignore[attr-defined]
 
     def _tombstone_due(self, meta: Meta, ttl: int | None) -> float | None:
         """If this save should refresh the tombstone, stamp ``meta`` and return the time."""

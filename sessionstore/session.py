@@ -54,7 +54,7 @@ class SessionState:
     )
 
     def __init__(self) -> None:
-        self.stale_ids: list[tuple[str, str]] = []  # (old id, "rotated" | "invalidated")
+        self.stale_ids: list[tuple[str, str, bool]] = []  # (old id, reason, had index entries)
         self.lock = threading.RLock()
         self.users = 0  # requests sharing this state right now (sticky mode)
         self.reset()

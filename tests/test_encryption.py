@@ -67,3 +67,15 @@ def test_key_rotation():
 def test_bad_encryption_key_setting():
     with pytest.raises(ConfigError, match="encryption_key"):
         Settings(encryption_key=[""])
+
+
+def test_a_record_moved_to_another_session_key_is_refused():
+    """An attacker with write access to the store cannot swap sealed records between sessions."""
+    store = MemoryStore()
+    mw = _app(store, encryption_key="enc-key")
+    admin, guest = Client(mw), Client(mw)
+    admin_key = mw.manager.key(admin.get("/set").json)
+    guest_key = mw.manager.key(guest.get("/set").json)
+    store.save(guest_key, store.load(admin_key).data, 60)
+    response = guest.get("/get")
+    assert response.json is None and "corrupt-payload" in response.headers["X-Session-Debug"]

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Final, Hashable, Protocol, runtime_checkable
+from typing import Any, Callable, Final, Hashable, Protocol, Sequence, runtime_checkable
 
 __all__ = [
     "ANY",
@@ -49,6 +49,13 @@ __all__ = [
     "Store",
     "count_ops",
     "OpCounter",
+    "LockingStore",
+    "IndexStore",
+    "PushFeed",
+    "PollFeed",
+    "FeedBatch",
+    "Subscription",
+    "INDEX_SUFFIX",
 ]
 
 
@@ -212,3 +219,99 @@ class LockingStore(Protocol):
     ) -> SaveResult:
         """``save`` then ``unlock`` in one round trip where the backend allows."""
         ...
+
+
+# -- index (single sign-out) ---------------------------------------------------
+
+#: Suffix of a session's reverse index record: ``companion_key(key, INDEX_SUFFIX)``.
+INDEX_SUFFIX = "ix"
+
+
+@runtime_checkable
+class IndexStore(Protocol):
+    """A store that can find sessions by an external id (``session.index(name, value)``).
+
+    The manager hashes each ``(name, value)`` into an *index key*
+    (``<prefix>ix:{<sha256 hex>}``: printable ASCII, safe as a memcached key,
+    and its own Redis Cluster hash tag). An *entry* says "session ``key`` is
+    indexed under index key ``ix``". Stores keep, per index key, the session
+    keys recorded under it (the forward record) and, per session, the index
+    keys it is recorded under (the reverse record,
+    ``companion_key(key, INDEX_SUFFIX)``), so a session's entries can be
+    dropped knowing only its key. Nothing ever scans the keyspace.
+
+    Entries age out on their own: an entry added with ``ttl`` lives at least
+    ``ttl`` seconds from the call (``None``: until dropped). Adding an entry
+    that exists refreshes it (its life never gets shorter).
+    """
+
+    def index_add(self, key: str, index_keys: Sequence[str], ttl: int | None) -> None:
+        """Record session ``key`` under each of ``index_keys`` (and them in its reverse record)."""
+        ...
+
+    def index_find(self, index_key: str) -> list[str]:
+        """Session keys recorded under ``index_key`` whose entry has not aged out
+        and whose session record exists now (expired or deleted sessions are left out)."""
+        ...
+
+    def index_drop(self, key: str) -> int:
+        """Remove every entry of session ``key`` and its reverse record; how many index keys it had."""
+        ...
+
+
+# -- invalidation feed (sticky mode) ------------------------------------------------
+
+
+class Subscription(Protocol):
+    """A live subscription to a :class:`PushFeed` channel."""
+
+    def close(self) -> None:
+        """Stop delivering; release the connection."""
+        ...
+
+
+@runtime_checkable
+class PushFeed(Protocol):
+    """A store whose server pushes messages to subscribers (Redis pub/sub, in-process memory).
+
+    ``feed_subscribe`` returns once the subscription is active: every message
+    published on ``channel`` afterwards is handed to ``deliver`` (from a
+    thread of the store's, or the publisher's thread for the in-process
+    store). When the store had to reconnect and messages may have been
+    missed meanwhile, it calls ``lost()`` once the subscription is active
+    again. Raises :class:`~sessionstore.errors.StoreUnavailable` if the
+    first subscription cannot be made.
+    """
+
+    def feed_publish(self, channel: str, message: bytes) -> None: ...
+
+    def feed_subscribe(
+        self, channel: str, deliver: Callable[[bytes], None], lost: Callable[[], None]
+    ) -> Subscription: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FeedBatch:
+    """What :meth:`PollFeed.feed_read` found: messages, where to read next, and whether
+    messages may have been lost (the log was reset, or a record vanished)."""
+
+    messages: list[bytes]
+    cursor: Any
+    lost: bool = False
+
+
+@runtime_checkable
+class PollFeed(Protocol):
+    """A store without push: an append-only log of messages read by sequence number.
+
+    ``feed_position`` is the cursor at the end of the log now (reading from it
+    returns only later messages); ``feed_read`` returns what was appended
+    after ``cursor``. One ``feed_read`` while nothing was published costs one
+    store command: that is the whole polling cost.
+    """
+
+    def feed_publish(self, channel: str, message: bytes) -> None: ...
+
+    def feed_position(self, channel: str) -> Any: ...
+
+    def feed_read(self, channel: str, cursor: Any) -> FeedBatch: ...

@@ -78,6 +78,39 @@ Locks
     lost and another request may take one on the next node; the version check
     still protects the data.
 
+Index (single sign-out, :class:`~.base.IndexStore`)
+    CAS-checked records, written with the same conditional ``save`` as
+    sessions (so each has a backup copy on the next node): a forward record
+    per index key (``<prefix>ix:{<sha256 hex>}``), a JSON object ``{session
+    key: expiry}``, and a reverse record per session (``<key>:ix``) holding
+    its index keys and its own expiry. A change is written conditionally:
+    ``index_add`` first tries each record as a create (a login's records
+    are new, so no read is needed); a create that fails returns the record
+    there, which is changed and written back with its CAS, retried with the
+    record a failed write returns. Entries and records carry absolute
+    expiries (the injected clock): aged-out entries are pruned on every
+    write and a record's TTL is that of its longest-lived entry.
+    ``index_find`` reads the forward record and asks each session's nodes
+    whether the session exists (meta ``mg`` without flags: no value is
+    sent back). Costs: a new record 2 commands (the ``add`` on the primary
+    node and the backup copy), an existing one 4 (failed ``add``, read, CAS
+    write, copy): a login recording one pair 4, a refresh 4 per record;
+    ``index_find`` 1-2 plus 1-2 per entry; ``index_drop`` 1 plus 3 per entry
+    plus the reverse record's delete (up to 3).
+
+Invalidation feed (:class:`~.base.PollFeed`)
+    An ``incr`` sequence ``<channel>:seq`` on its ring node (created with
+    ``add``, TTL 30 days, starting at its creation time in ms times 10^6, so
+    a sequence created again is told apart from the one it replaces) and one
+    record per message, ``<channel>:<n>`` (TTL 10 minutes, one copy: a
+    record lost with its node is reported lost by the readers). Publishing:
+    ``incr`` then the record's ``set`` (2 commands). Polling: one ``get`` of
+    the sequence; only when it moved are the new records read. A record not
+    there yet (its publisher is between the ``incr`` and the write) is
+    waited for up to 2 s, then reported lost; so is a sequence that went
+    backwards, vanished or was created again (its node restarted, the key
+    expired or was evicted).
+
 Connections
     One bounded pool of pymemcache clients per node (``pool_size``), with
     ``TCP_NODELAY`` (Nagle otherwise stalls a request ~40 ms), timeouts, and
@@ -92,6 +125,7 @@ from __future__ import annotations
 import bisect
 import copy
 import hashlib
+import json
 import logging
 import math
 import re
@@ -99,14 +133,14 @@ import threading
 import time
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, TypeVar
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
 from ..errors import ConfigError, StoreError, StoreUnavailable
-from .base import ANY, NO_LOAD, Record, SaveResult, companion_key, count_ops
+from .base import ANY, INDEX_SUFFIX, NO_LOAD, FeedBatch, Record, SaveResult, companion_key, count_ops
 
 __all__ = ["MemcachedStore", "Version"]
 
@@ -126,6 +160,18 @@ _SPREAD = 3
 _DEFAULT_PORT = 11211
 #: A pooled connection the server closed behind our back.
 _STALE = (MemcacheUnexpectedCloseError, ConnectionResetError, BrokenPipeError)
+#: Read-modify-write rounds of an index record before giving up.
+_CAS_ROUNDS = 64
+#: Lifetime of the feed sequence and of each feed record.
+_FEED_SEQ_TTL = 30 * 24 * 3600
+_FEED_RECORD_TTL = 600
+#: A feed sequence starts at <creation time in ms> * _FEED_EPOCH: a sequence created again
+#: (its node restarted, the key expired or was evicted) is told apart by its epoch.
+_FEED_EPOCH = 10**6
+#: How long a feed record announced by the sequence may be missing before it counts as lost.
+_FEED_RECORD_WAIT = 2.0
+#: At most this many feed records are read per poll (older ones count as lost).
+_FEED_MAX_BATCH = 1000
 
 
 class Version(NamedTuple):
@@ -630,6 +676,166 @@ class MemcachedStore:
         self.unlock(key, token)
         return result
 
+    # -- index -------------------------------------------------------------------
+
+    def index_add(self, key: str, index_keys: Sequence[str], ttl: int | None) -> None:
+        """Record ``key`` in its reverse record and in each forward record (CAS-checked)."""
+        names = list(dict.fromkeys(index_keys))
+        if not names:
+            return
+        until = None if ttl is None else self._clock() + ttl
+        reverse = companion_key(key, INDEX_SUFFIX)
+
+        def add_names(old: bytes | None) -> tuple[bytes | None, float | None]:
+            expiry, recorded = _read_reverse(old)
+            expiry = _later(expiry, until) if old is not None else until
+            return _write_reverse(expiry, recorded | set(names)), expiry
+
+        # optimistic: a login's records are new, so each is first tried as a create (no read)
+        self._rewrite(reverse, add_names, absent=True)  # first: a forward entry never exists without it
+        for name in names:
+            self._rewrite(name, lambda old: self._with_entry(old, key, until), absent=True)
+
+    def _with_entry(self, old: bytes | None, key: str, until: float | None) -> tuple[bytes | None, float | None]:
+        entries = self._live_entries(old)
+        entries[key] = _later(entries[key], until) if key in entries else until
+        return _write_entries(entries), _last(entries.values())
+
+    def _live_entries(self, data: bytes | None) -> dict[str, float | None]:
+        now = self._clock()
+        return {k: t for k, t in _read_entries(data).items() if t is None or t > now}
+
+    def index_find(self, index_key: str) -> list[str]:
+        """Session keys under ``index_key`` whose entry is alive and whose session exists."""
+        record = self.load(index_key)
+        if record is None:
+            return []
+        return [k for k in self._live_entries(record.data) if self._exists(k)]
+
+    def _exists(self, key: str) -> bool:
+        """Whether the primary or backup node holds ``key`` (meta get, no value sent back)."""
+        wire = _wire_key(key)
+
+        def probe(nodes: list[_Node]) -> bool:
+            return any(node.call(lambda w: w.raw_command(b"mg " + wire) == b"HD") for node in nodes[:2])
+
+        return self._run(wire, probe)
+
+    def index_drop(self, key: str) -> int:
+        """Remove ``key`` from each forward record it is in, then delete its reverse record."""
+        reverse = companion_key(key, INDEX_SUFFIX)
+        record = self.load(reverse)
+        if record is None:
+            return 0
+        _, names = _read_reverse(record.data)
+
+        def without(old: bytes | None) -> tuple[bytes | None, float | None]:
+            entries = self._live_entries(old)
+            entries.pop(key, None)
+            return (_write_entries(entries) if entries else None), _last(entries.values())
+
+        for name in sorted(names):
+            self._rewrite(name, without)
+        self.delete(reverse)
+        return len(names)
+
+    def _rewrite(self, key: str, change: Callable[[bytes | None], tuple[bytes | None, float | None]],
+                 absent: bool = False) -> None:
+        """Read ``key``, ``change(data)`` into ``(new data or None to delete, expiry)``, write it
+        back only if nobody wrote meanwhile (CAS); retried with what the store holds then.
+
+        ``absent``: skip the first read and try to create the record (a failed
+        create returns what is there, and the usual CAS rounds follow).
+        """
+        current = None if absent else self.load(key)
+        for _ in range(_CAS_ROUNDS):
+            data, expiry = change(None if current is None else current.data)
+            if data is None:
+                if current is None or self.delete(key, expect=current.version):
+                    return
+                current = self.load(key)
+                continue
+            ttl = None if expiry is None else max(1, math.ceil(expiry - self._clock()))
+            result = self.save(key, data, ttl, expect=None if current is None else current.version)
+            if result.ok:
+                return
+            current = result.current
+        raise StoreError(f"memcached: index record {key!r} kept changing under {_CAS_ROUNDS} writers")
+
+    # -- invalidation feed ------------------------------------------------------------
+
+    def feed_publish(self, channel: str, message: bytes) -> None:
+        """``incr`` the channel's sequence, then write the message under its new number."""
+        seq = self._bump(_wire_key(f"{channel}:seq"))
+        # one copy: a record lost with its node is reported lost by the readers (who then check)
+        self.single_copy().save(f"{channel}:{seq}", bytes(message), _FEED_RECORD_TTL)
+
+    def _bump(self, wire: bytes) -> int:
+        def bump(nodes: list[_Node]) -> int:
+            node = nodes[0]
+            value = node.call(lambda w: w.incr(wire, 1, noreply=False))
+            if value is None:  # not there (first use, expired, its node restarted): start it
+                node.call(lambda w: w.add(wire, _feed_base(), _exptime(_FEED_SEQ_TTL), noreply=False))
+                value = node.call(lambda w: w.incr(wire, 1, noreply=False))
+            return int(value)
+
+        return self._run(wire, bump)
+
+    def _sequence(self, wire: bytes) -> int | None:
+        """The sequence's value (one ``get`` on its node), or None if it is not there."""
+        def read(nodes: list[_Node]) -> int | None:
+            found = nodes[0].call(lambda w: w.get(wire))
+            return None if found is None else int(found[0])
+
+        return self._run(wire, read)
+
+    def _start_sequence(self, wire: bytes) -> int:
+        """Create the sequence if it is missing; its value now."""
+        self._run(wire, lambda nodes: nodes[0].call(
+            lambda w: w.add(wire, _feed_base(), _exptime(_FEED_SEQ_TTL), noreply=False)))
+        seq = self._sequence(wire)
+        if seq is None:
+            raise StoreUnavailable("memcached: the feed sequence vanished as it was created")
+        return seq
+
+    def feed_position(self, channel: str) -> "_FeedCursor":
+        wire = _wire_key(f"{channel}:seq")
+        seq = self._sequence(wire)
+        if seq is None:
+            seq = self._start_sequence(wire)  # so that every later poll is one hit
+        return _FeedCursor(seq, ())
+
+    def feed_read(self, channel: str, cursor: Any) -> FeedBatch:
+        """Messages after ``cursor``: one ``get`` of the sequence, plus the new records if it moved."""
+        if not isinstance(cursor, _FeedCursor):
+            raise TypeError("feed_read takes a cursor from feed_position or feed_read")
+        wire = _wire_key(f"{channel}:seq")
+        seq = self._sequence(wire)
+        lost = False
+        start, waiting = cursor.seq, dict(cursor.waiting)
+        if seq is None:
+            seq = self._start_sequence(wire)
+        if seq // _FEED_EPOCH != start // _FEED_EPOCH or seq < start:
+            # the sequence was created again (its node restarted, it expired or was evicted):
+            # what was published in between is lost; read the new epoch from its start
+            lost, start, waiting = True, seq // _FEED_EPOCH * _FEED_EPOCH, {}
+        if seq == start and not waiting:
+            return FeedBatch([], cursor if not lost else _FeedCursor(seq, ()), lost)
+        wanted = sorted(set(waiting) | set(range(start + 1, seq + 1)))
+        if len(wanted) > _FEED_MAX_BATCH:
+            lost, wanted = True, wanted[-_FEED_MAX_BATCH:]
+        now = time.monotonic()
+        messages, still = [], []
+        for n in wanted:
+            record = self.load(f"{channel}:{n}")
+            if record is not None:
+                messages.append(record.data)
+            elif now - waiting.get(n, now) < _FEED_RECORD_WAIT:
+                still.append((n, waiting.get(n, now)))  # announced, not written yet: wait for it
+            else:
+                lost = True
+        return FeedBatch(messages, _FeedCursor(seq, tuple(still)), lost)
+
     @staticmethod
     def _lock_args(key: str, token: str) -> tuple[bytes, bytes, bytes]:
         """(session key, lock key, owner token) as protocol bytes, validated."""
@@ -644,3 +850,66 @@ class MemcachedStore:
         if item is None or item.data != owner:
             return False
         return node.call(lambda client: act(item.cas, client))
+
+
+# -- index and feed records -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _FeedCursor:
+    """Where a reader is in a feed: the last sequence number read, and announced
+    records not found yet as ``(number, monotonic time first missed)``."""
+
+    seq: int
+    waiting: tuple[tuple[int, float], ...]
+
+
+def _later(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else max(a, b)
+
+
+def _feed_base() -> bytes:
+    """Initial value of a feed sequence: its epoch (creation time in ms) times ``_FEED_EPOCH``."""
+    return b"%d" % (int(time.time() * 1000) * _FEED_EPOCH)
+
+
+def _last(expiries: Iterable[float | None]) -> float | None:
+    """The latest of some expiries (``None``: never), for a record holding them all."""
+    latest: float | None = 0.0
+    for expiry in expiries:
+        latest = _later(latest, expiry)
+    return latest
+
+
+def _read_entries(data: bytes | None) -> dict[str, float | None]:
+    """A forward record: ``{session key: expiry or None}`` (a JSON object)."""
+    if not data:
+        return {}
+    try:
+        raw = json.loads(data)
+        return {str(k): (None if v is None else float(v)) for k, v in raw.items()}
+    except (ValueError, AttributeError, TypeError):
+        log.warning("memcached: unreadable index record ignored")
+        return {}
+
+
+def _write_entries(entries: dict[str, float | None]) -> bytes:
+    return json.dumps({k: (None if v is None else round(v, 3)) for k, v in entries.items()},
+                      separators=(",", ":")).encode()
+
+
+def _read_reverse(data: bytes | None) -> tuple[float | None, set[str]]:
+    """A reverse record: ``(its expiry or None, index keys)``."""
+    if not data:
+        return None, set()
+    try:
+        raw = json.loads(data)
+        return (None if raw["e"] is None else float(raw["e"])), {str(n) for n in raw["x"]}
+    except (ValueError, KeyError, TypeError):
+        log.warning("memcached: unreadable reverse index record ignored")
+        return None, set()
+
+
+def _write_reverse(expiry: float | None, names: set[str]) -> bytes:
+    return json.dumps({"e": None if expiry is None else round(expiry, 3), "x": sorted(names)},
+                      separators=(",", ":")).encode()

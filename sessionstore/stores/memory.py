@@ -9,13 +9,17 @@ count and total bytes, evicting the least recently used entries.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable
+import logging
+from typing import Any, Callable, Sequence
 
 from .base import ANY, NO_LOAD, Record, SaveResult, count_ops
+
+_log = logging.getLogger("sessionstore")
 
 __all__ = ["MemoryStore"]
 
@@ -49,6 +53,10 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._versions = itertools.count(1)
         self._locks: dict[str, tuple[str, float]] = {}  # session key -> (owner token, expires at)
+        # index: index key -> {session key: entry expiry}; session key -> (its index keys, expiry)
+        self._forward: dict[str, dict[str, float | None]] = {}
+        self._reverse: OrderedDict[str, tuple[set[str], float | None]] = OrderedDict()
+        self._channels: dict[str, list["_MemorySubscription"]] = {}
 
     # -- helpers (lock held) -------------------------------------------------
 
@@ -192,10 +200,91 @@ class MemoryStore:
                 del self._locks[key]
         return result
 
+    # -- index (IndexStore) ---------------------------------------------------------
+
+    def index_add(self, key: str, index_keys: Sequence[str], ttl: int | None) -> None:
+        self._tally()
+        with self._lock:
+            now = self._clock()
+            until = self._expires(ttl, now)
+            names, expires = self._reverse.pop(key, (set(), until))
+            names.update(index_keys)
+            self._reverse[key] = (names, _later(expires, until))
+            for ix in index_keys:
+                entries = self._forward.setdefault(ix, {})
+                entries[key] = _later(entries.get(key, until), until)
+            self._sweep_index(now)
+
+    def index_find(self, index_key: str) -> list[str]:
+        self._tally()
+        with self._lock:
+            now = self._clock()
+            entries = self._forward.get(index_key, {})
+            return [key for key, until in entries.items()
+                    if (until is None or until > now) and self._live(key, now) is not None]
+
+    def index_drop(self, key: str) -> int:
+        self._tally()
+        with self._lock:
+            names, _ = self._reverse.pop(key, (set(), None))
+            for ix in names:
+                self._unlink(ix, key)
+        return len(names)
+
+    def _unlink(self, ix: str, key: str) -> None:
+        entries = self._forward.get(ix)
+        if entries is not None:
+            entries.pop(key, None)
+            if not entries:
+                del self._forward[ix]
+
+    def _sweep_index(self, now: float) -> None:
+        """Drop a bounded number of aged-out reverse records (and their entries), cold end first."""
+        for key in list(itertools.islice(self._reverse, _SWEEP_BATCH)):
+            names, until = self._reverse[key]
+            if until is not None and until <= now:
+                del self._reverse[key]
+                for ix in names:
+                    entries = self._forward.get(ix)
+                    expiry = None if entries is None else entries.get(key, now)
+                    if expiry is not None and expiry <= now:
+                        self._unlink(ix, key)
+
+    # -- invalidation feed (PushFeed) ------------------------------------------------
+
+    def feed_publish(self, channel: str, message: bytes) -> None:
+        """Hand ``message`` to every subscriber of ``channel``, in this thread."""
+        self._tally()
+        with self._lock:
+            subscribers = list(self._channels.get(channel, ()))
+        for subscription in subscribers:
+            try:  # in a context of its own: the subscriber's store calls are not the publisher's
+                contextvars.Context().run(subscription.deliver, bytes(message))
+            except Exception:  # one broken subscriber must not stop the others
+                _log.exception("sessionstore: invalidation subscriber failed")
+
+    def feed_subscribe(self, channel: str, deliver: Callable[[bytes], None],
+                       lost: Callable[[], None]) -> "_MemorySubscription":
+        subscription = _MemorySubscription(self, channel, deliver)
+        with self._lock:
+            self._channels.setdefault(channel, []).append(subscription)
+        return subscription
+
+    def _unsubscribe(self, subscription: "_MemorySubscription") -> None:
+        with self._lock:
+            subscribers = self._channels.get(subscription.channel, [])
+            if subscription in subscribers:
+                subscribers.remove(subscription)
+
     # -- introspection (tests, sticky cache accounting) ------------------------
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def keys(self) -> list[str]:
+        """Every key held now (expired ones included until they are swept)."""
+        with self._lock:
+            return list(self._entries)
 
     @property
     def nbytes(self) -> int:
@@ -209,3 +298,20 @@ class MemoryStore:
         if entry is None or entry[2] is None:
             return None
         return entry[2] - self._clock()
+
+
+def _later(a: float | None, b: float | None) -> float | None:
+    """The later of two expiries (``None``: never)."""
+    return None if a is None or b is None else max(a, b)
+
+
+class _MemorySubscription:
+    __slots__ = ("store", "channel", "deliver")
+
+    def __init__(self, store: MemoryStore, channel: str, deliver: Callable[[bytes], None]) -> None:
+        self.store = store
+        self.channel = channel
+        self.deliver = deliver
+
+    def close(self) -> None:
+        self.store._unsubscribe(self)

@@ -35,6 +35,42 @@ may reach the server twice. Saving and locking are idempotent for that: a
 save whose stored version already is its own new version succeeds, and a
 token that already holds the lock gets it.
 
+Index (single sign-out, :class:`~.base.IndexStore`)
+    A forward key per external id, ``<prefix>ix:{<sha256 hex>}``: a sorted
+    set whose members are session keys scored by the entry's expiry
+    (epoch ms on the server's clock, ``+inf`` for a session without TTL),
+    so entries age out one by one and the key's own TTL is that of its
+    longest-lived entry. A reverse set per session, ``<prefix>{<id>}:ix``
+    (same slot as the session), holds the forward keys it is under.
+
+    ``index_add`` is one script (``EVALSHA``) that writes the reverse set
+    and every forward key atomically, pruning aged-out entries as it goes.
+    ``index_find`` is one read-only script (members whose score is in the
+    future) and then one ``EXISTS`` per member, pipelined: entries of
+    sessions that expired or were deleted are left out. ``index_drop`` is
+    ``SMEMBERS`` of the reverse set, then one script removing exactly those
+    entries and the reverse set; an entry added between the two stays
+    recorded in the reverse set (nothing is lost, it is dropped next time or
+    ages out).
+
+    Cluster: the forward keys hash to other slots than the session (their
+    hash tag is the digest). Each call is split into one script per slot:
+    the reverse set's slot first (with any forward key that happens to share
+    it), then each other slot. Each script is atomic; the call as a whole is
+    not. The order makes a forward entry exist only after the reverse record
+    naming it, so a later ``index_drop`` always finds it; a failure between
+    the scripts leaves a reverse record without its forward entry (the
+    session is not found by that id) and the call raises.
+
+Invalidation feed (:class:`~.base.PushFeed`)
+    ``PUBLISH`` on a channel (one command per message); each subscribing node
+    keeps one pub/sub connection and a listener thread (no command while
+    idle, a ``PING`` every 30 s to notice a dead connection). In Cluster mode
+    the subscriber connects to one primary; classic pub/sub messages reach
+    every node of the cluster. Messages published while a subscriber was
+    disconnected are lost, so after every reconnection the subscriber
+    reports a possible loss (sticky mode then re-checks its local sessions).
+
 Requires Redis 7.0 or later (``GETEX``, ``SET … NX GET``). The store only
 differs between deployments in how the redis-py client is
 built (:meth:`RedisStore.from_url`); Cluster works because a session key
@@ -44,17 +80,20 @@ hash slot.
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis import Redis
 from redis.backoff import EqualJitterBackoff, NoBackoff
+from redis.client import PubSub
+from redis.crc import key_slot
 from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
 from redis.exceptions import (
@@ -71,9 +110,11 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from ..errors import ConfigError, CorruptPayload, StoreError, StoreUnavailable
-from .base import ANY, NO_LOAD, Record, SaveResult, companion_key, count_ops
+from .base import ANY, INDEX_SUFFIX, NO_LOAD, Record, SaveResult, companion_key, count_ops
 
 __all__ = ["RedisStore"]
+
+_log = logging.getLogger("sessionstore")
 
 #: A redis-py client the store can drive.
 Client = Union[Redis, RedisCluster]
@@ -138,6 +179,63 @@ return redis.call('DEL', KEYS[1])
 _PERSIST = Script(None, b"""
 if redis.call('PERSIST', KEYS[1]) == 1 then return 1 end
 return redis.call('EXISTS', KEYS[1])
+""")
+
+#: Server time in epoch milliseconds (scripts may call TIME since Redis 5).
+_NOW = b"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+#: KEYS: [reverse set] then forward keys. ARGV: 1 if KEYS[1] is the reverse
+#: set else 0, entry ttl ms or '' (never expires), session key, then (with
+#: the reverse set) every index key to record in it. A key's TTL only grows:
+#: it becomes at least the entry ttl; '' makes it persistent.
+_INDEX_ADD = Script(None, _NOW + b"""
+local function extend(key, existed)
+  if ARGV[2] == '' then redis.call('PERSIST', key) return end
+  local left = -2
+  if existed == 1 then left = redis.call('PTTL', key) end
+  if left == -1 then return end
+  if left < tonumber(ARGV[2]) then redis.call('PEXPIRE', key, ARGV[2]) end
+end
+local first = 1
+if ARGV[1] == '1' then
+  first = 2
+  local existed = redis.call('EXISTS', KEYS[1])
+  redis.call('SADD', KEYS[1], unpack(ARGV, 4))
+  extend(KEYS[1], existed)
+end
+local score = '+inf'
+if ARGV[2] ~= '' then score = now + tonumber(ARGV[2]) end
+for i = first, #KEYS do
+  local existed = redis.call('EXISTS', KEYS[i])
+  redis.call('ZADD', KEYS[i], 'GT', score, ARGV[3])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  extend(KEYS[i], existed)
+end
+return 1
+""")
+
+#: KEYS: forward key. Session keys whose entry has not aged out (read-only).
+_INDEX_FIND = Script(None, _NOW + b"""
+return redis.call('ZRANGE', KEYS[1], '(' .. now, '+inf', 'BYSCORE')
+""")
+
+#: KEYS: [reverse set] then forward keys. ARGV: 1 if KEYS[1] is the reverse
+#: set else 0, session key, then (with the reverse set) the members to remove
+#: from it. Removes the session from each forward key (deleting emptied
+#: ones); the reverse set loses those members and goes when empty.
+_INDEX_DROP = Script(None, b"""
+local first = 1
+if ARGV[1] == '1' then
+  first = 2
+  redis.call('SREM', KEYS[1], unpack(ARGV, 3))
+end
+for i = first, #KEYS do
+  redis.call('ZREM', KEYS[i], ARGV[2])
+end
+return 1
 """)
 
 # -- errors ------------------------------------------------------------------
@@ -373,6 +471,182 @@ class RedisStore:
         The lock is released whether or not the conditional write succeeded.
         """
         return self._save([key, companion_key(key, "lock")], data, ttl, expect, token)
+
+    # -- IndexStore --------------------------------------------------------------
+
+    def index_add(self, key: str, index_keys: Sequence[str], ttl: int | None) -> None:
+        """Record ``key`` under ``index_keys``: one script per slot (one in all off Cluster)."""
+        names = list(dict.fromkeys(index_keys))
+        if not names:
+            return
+        reverse = companion_key(key, INDEX_SUFFIX)
+        ttl_arg = _ttl_arg(ttl)
+        for holds_reverse, keys in _by_slot(self._redis(), reverse, names):
+            args: list[Any] = ["1" if holds_reverse else "0", ttl_arg, key]
+            if holds_reverse:
+                args += names
+            self._script(_INDEX_ADD, keys, args)
+
+    def index_find(self, index_key: str) -> list[str]:
+        """Live session keys under ``index_key``: one script, then one pipelined ``EXISTS`` each."""
+        members = [m.decode() for m in self._script(_INDEX_FIND, [index_key], [])]
+        if not members:
+            return []
+        count_ops(len(members))
+        with _translated():
+            pipe = self._redis().pipeline(transaction=False)
+            for member in members:
+                pipe.exists(member)
+            found = pipe.execute()
+        return [m for m, n in zip(members, found) if n]
+
+    def index_drop(self, key: str) -> int:
+        """Drop ``key``'s entries: ``SMEMBERS`` of its reverse set, then one script per slot."""
+        reverse = companion_key(key, INDEX_SUFFIX)
+        names = sorted(m.decode() for m in self._command("SMEMBERS", reverse))
+        if not names:
+            return 0
+        for holds_reverse, keys in _by_slot(self._redis(), reverse, names):
+            args: list[Any] = ["1" if holds_reverse else "0", key]
+            if holds_reverse:
+                args += names
+            self._script(_INDEX_DROP, keys, args)
+        return len(names)
+
+    # -- PushFeed ------------------------------------------------------------------
+
+    def feed_publish(self, channel: str, message: bytes) -> None:
+        """``PUBLISH`` (one command; any Cluster node spreads it to all)."""
+        self._command("PUBLISH", channel, bytes(message))
+
+    def feed_subscribe(self, channel: str, deliver: Callable[[bytes], None],
+                       lost: Callable[[], None]) -> _RedisSubscription:
+        """Subscribe now (confirmed by the server); a listener thread calls ``deliver``."""
+        return _RedisSubscription(self, channel, deliver, lost)
+
+
+# -- index and feed helpers ------------------------------------------------------
+
+
+def _by_slot(client: Client, first: str, others: Sequence[str]) -> list[tuple[bool, list[str]]]:
+    """``[(holds first, keys)]``: one group per Cluster slot, ``first``'s group first.
+
+    On a standalone server (or Sentinel) everything is one group.
+    """
+    if not isinstance(client, RedisCluster):
+        return [(True, [first, *others])]
+    home = key_slot(first.encode())
+    groups: dict[int, list[str]] = {home: [first]}
+    for key in others:
+        groups.setdefault(key_slot(key.encode()), []).append(key)
+    return [(slot == home, keys) for slot, keys in groups.items()]
+
+
+class _TrackedPubSub(PubSub):
+    """A PubSub counting its (re)connections: each one after the first may have lost messages."""
+
+    connects = 0
+
+    def on_connect(self, connection: Any) -> None:
+        self.connects += 1
+        super().on_connect(connection)
+
+
+#: Seconds between PINGs on an idle subscription, and how long a PONG may take.
+_FEED_PING = 30.0
+_FEED_PONG_WAIT = 5.0
+
+
+class _RedisSubscription:
+    """One pub/sub connection and the thread listening on it (reconnects on failure)."""
+
+    def __init__(self, store: "RedisStore", channel: str, deliver: Callable[[bytes], None],
+                 lost: Callable[[], None]) -> None:
+        self._store = store
+        self._channel = channel
+        self._deliver = deliver
+        self._lost = lost
+        self._closed = threading.Event()
+        self._turn = 0  # Cluster: which primary to subscribe on (the next one after a failure)
+        self._pubsub: _TrackedPubSub | None = self._subscribe()
+        self._thread = threading.Thread(target=self._run, name="sessionstore-redis-feed", daemon=True)
+        self._thread.start()
+
+    def _subscribe(self) -> _TrackedPubSub:
+        """Subscribe and wait for the server's confirmation (messages published after it arrive)."""
+        client = self._store._redis()
+        with _translated():
+            if isinstance(client, RedisCluster):
+                primaries = client.get_primaries()
+                node = primaries[self._turn % len(primaries)]
+                pool = client.get_redis_connection(node).connection_pool
+            else:
+                pool = client.connection_pool
+            pubsub = _TrackedPubSub(pool)
+            try:
+                pubsub.subscribe(self._channel)
+                deadline = time.monotonic() + 5.0
+                while True:
+                    message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+                    if message is not None and message["type"] == "subscribe":
+                        return pubsub
+                    if time.monotonic() >= deadline:
+                        raise StoreUnavailable("redis: no pub/sub subscription confirmation within 5s")
+            except BaseException:
+                pubsub.close()
+                raise
+
+    def _run(self) -> None:
+        backoff = 0.05
+        pubsub = self._pubsub
+        seen_connects = 0 if pubsub is None else pubsub.connects
+        last_heard = time.monotonic()
+        ping_sent: float | None = None
+        while not self._closed.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self._subscribe()
+                    self._pubsub = pubsub
+                    seen_connects, last_heard, ping_sent, backoff = pubsub.connects, time.monotonic(), None, 0.05
+                    self._lost()
+                message = pubsub.get_message(timeout=0.25)
+                if pubsub.connects != seen_connects:  # redis-py reconnected and resubscribed by itself
+                    seen_connects = pubsub.connects
+                    self._lost()
+                now = time.monotonic()
+                if message is not None:
+                    last_heard, ping_sent = now, None
+                    if message["type"] == "message":
+                        self._deliver(bytes(message["data"]))
+                elif ping_sent is not None and now - ping_sent > _FEED_PONG_WAIT:
+                    raise ConnectionError("no PONG on the pub/sub connection")
+                elif ping_sent is None and now - last_heard > _FEED_PING:
+                    pubsub.ping()
+                    ping_sent = now
+            except Exception as exc:  # noqa: BLE001 - any failure: start over on a new connection
+                if self._closed.is_set():
+                    break
+                _log.warning("sessionstore: invalidation feed subscription lost (%s); reconnecting", exc)
+                if pubsub is not None:
+                    _quietly(pubsub.close)
+                pubsub = self._pubsub = None
+                self._turn += 1
+                self._closed.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+        if pubsub is not None:
+            _quietly(pubsub.close)
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+
+def _quietly(call: Callable[[], Any]) -> None:
+    try:
+        call()
+    except Exception:  # noqa: BLE001 - closing a broken connection
+        pass
 
 
 def _close(client: Client) -> None:

@@ -22,6 +22,24 @@ Schema (created on first use, or ahead of time by :func:`migrate`)::
     <table>_locks  name VARCHAR(320) PRIMARY KEY -- companion_key(key, "lock") or the cleaner's
                    owner VARCHAR(255) NOT NULL
                    expires_at DOUBLE NOT NULL
+    <table>_ix     ix VARCHAR(255)               -- index key <prefix>ix:{<sha256 hex>}
+                   session VARCHAR(255)          -- session key; PRIMARY KEY (ix, session)
+                   expires_at DOUBLE NULL        -- the entry ages out then; indexed, as is session
+    <table>_inv    seq BIGINT AUTOINCREMENT PRIMARY KEY  -- the invalidation feed (sticky mode)
+                   channel VARCHAR(255) NOT NULL
+                   message BLOB NOT NULL
+                   expires_at DOUBLE NOT NULL    -- kept one hour, then cleaned
+
+The index table is both directions of the index: by ``ix`` it finds
+sessions (joined with the sessions table, so only live sessions come back:
+one SELECT), by ``session`` it drops a session's entries (one DELETE). Adding
+entries is one multi-row upsert whose expiry only ever grows.
+
+The feed is polled by sequence number: one ``SELECT ... WHERE seq > cursor``
+per poll (plus any numbers still missing below the cursor: an insert that
+took its number earlier but committed later is picked up on a later poll;
+one still missing after 5 s counts as lost). SQLite uses AUTOINCREMENT, so
+numbers never go back even when the cleaner has emptied the table.
 
 Every time comes from the injected ``clock``; an expired row is treated as
 absent by every statement (``expires_at IS NULL OR expires_at > now``) even
@@ -51,6 +69,11 @@ lock                   1 INSERT; taken: +1 UPDATE of an expired lock; then load_
                        (if that fails, the lock is released again, best effort)
 renew, unlock          1
 save_and_unlock        save, then 1 DELETE of the lock (one pooled connection)
+index_add              1 upsert of every entry (ON CONFLICT / ON DUPLICATE KEY)
+index_find             1 SELECT joined with the sessions table
+index_drop             1 DELETE
+feed_publish           1 INSERT
+feed_read (a poll)     1 SELECT
 =====================  ==========================  ===================================
 
 SQLite: one file shared by threads and processes, in WAL mode with a 30 s
@@ -72,6 +95,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from sqlalchemy import (
@@ -80,6 +104,7 @@ from sqlalchemy import (
     ColumnElement,
     Double,
     Index,
+    Integer,
     LargeBinary,
     MetaData,
     String,
@@ -89,6 +114,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     insert,
     or_,
     select,
@@ -102,7 +128,7 @@ from sqlalchemy.engine.url import URL, make_url
 from sqlalchemy.sql import ColumnCollection, Executable, Update
 
 from ..errors import ConfigError, StoreUnavailable
-from .base import ANY, NO_LOAD, Record, SaveResult, companion_key, count_ops
+from .base import ANY, NO_LOAD, FeedBatch, Record, SaveResult, companion_key, count_ops
 
 __all__ = ["SQLStore", "migrate", "DEFAULT_TABLE"]
 
@@ -130,6 +156,10 @@ _VERSION_BITS = 62
 _BIGINT = range(-(2**63), 2**63 - 1)  # a version + 1 must still fit
 #: Failures meaning "the database cannot serve us now", not a bug.
 _UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+#: How long the feed keeps a message, and waits for a number missing below its cursor.
+_FEED_RETENTION = 3600.0
+_FEED_GAP_WAIT = 5.0
+_FEED_MAX_GAPS = 1000
 _BEGIN = text("BEGIN")
 _COMMIT = text("COMMIT")
 
@@ -170,6 +200,38 @@ def define_tables(metadata: MetaData, table: str) -> tuple[Table, Table]:
         Column("expires_at", Double, nullable=False),
     )
     return sessions, locks
+
+
+def define_index_tables(metadata: MetaData, table: str) -> tuple[Table, Table]:
+    """The index table ``<table>_ix`` and the invalidation feed ``<table>_inv``."""
+    index = Table(
+        f"{table}_ix",
+        metadata,
+        Column("ix", _key_type(255), primary_key=True),
+        Column("session", _key_type(255), primary_key=True),
+        Column("expires_at", Double, nullable=True),
+        Index(f"ix_{table}_ix_s", "session"),
+        Index(f"ix_{table}_ix_e", "expires_at"),
+    )
+    feed = Table(
+        f"{table}_inv",
+        metadata,
+        Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+        Column("channel", _key_type(255), nullable=False),
+        Column("message", LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb"), nullable=False),
+        Column("expires_at", Double, nullable=False),
+        Index(f"ix_{table}_inv_e", "expires_at"),
+        sqlite_autoincrement=True,  # never reuse a number, even after the cleaner emptied the table
+    )
+    return index, feed
+
+
+@dataclass(frozen=True, slots=True)
+class _FeedCursor:
+    """The highest feed number read, and lower numbers not seen yet: ``(number, first missed at)``."""
+
+    seq: int
+    gaps: tuple[tuple[int, float], ...] = ()
 
 
 # -- URL and engine ------------------------------------------------------------
@@ -336,6 +398,7 @@ class SQLStore:
         self.node_name = node_name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.metadata = MetaData()
         self.table, self.lock_table = define_tables(self.metadata, table)
+        self.index_table, self.feed_table = define_index_tables(self.metadata, table)
         self._ready = False
         self._init_lock = threading.Lock()
         self._closed = threading.Event()
@@ -625,6 +688,92 @@ class SQLStore:
             self._release(conn, companion_key(key, "lock"), token, self._clock())
             return result
 
+    # -- index (IndexStore) ------------------------------------------------------------
+
+    def index_add(self, key: str, index_keys: Sequence[str], ttl: int | None) -> None:
+        """One multi-row upsert: an entry that exists keeps the later of its two expiries."""
+        names = list(dict.fromkeys(index_keys))
+        if not names:
+            return
+        ix = self.index_table
+        expires = self._expires(ttl, self._clock())
+        rows = [dict(ix=name, session=key, expires_at=expires) for name in names]
+        dialect = self._engine.dialect.name
+        if dialect in ("mysql", "mariadb"):
+            stmt = mysql.insert(ix).values(rows)
+            new = stmt.inserted.expires_at
+            stmt = stmt.on_duplicate_key_update(expires_at=_later_expiry(ix.c.expires_at, new))
+        else:
+            stmt = (postgresql if dialect == "postgresql" else sqlite).insert(ix).values(rows)
+            new = stmt.excluded.expires_at
+            stmt = stmt.on_conflict_do_update(index_elements=[ix.c.ix, ix.c.session],
+                                              set_={"expires_at": _later_expiry(ix.c.expires_at, new)})
+        with self._connect() as conn:
+            self._run(conn, stmt)
+
+    def index_find(self, index_key: str) -> list[str]:
+        """Live sessions under ``index_key``: one SELECT joined with the sessions table."""
+        ix, t, now = self.index_table, self.table, self._clock()
+        stmt = (
+            select(ix.c.session)
+            .join(t, t.c.id == ix.c.session)
+            .where(ix.c.ix == index_key, or_(ix.c.expires_at.is_(None), ix.c.expires_at > now), self._live(now))
+            .order_by(ix.c.session)
+        )
+        with self._connect() as conn:
+            return list(self._run(conn, stmt).scalars())
+
+    def index_drop(self, key: str) -> int:
+        """One DELETE of the session's rows."""
+        ix = self.index_table
+        with self._connect() as conn:
+            return self._run(conn, delete(ix).where(ix.c.session == key)).rowcount
+
+    # -- invalidation feed (PollFeed) ---------------------------------------------------
+
+    def feed_publish(self, channel: str, message: bytes) -> None:
+        """One INSERT; the database numbers the message."""
+        stmt = insert(self.feed_table).values(channel=channel, message=bytes(message),
+                                              expires_at=self._clock() + _FEED_RETENTION)
+        with self._connect() as conn:
+            self._run(conn, stmt)
+
+    def feed_position(self, channel: str) -> _FeedCursor:
+        feed = self.feed_table
+        with self._connect() as conn:
+            last = self._run(conn, select(func.max(feed.c.seq)).where(feed.c.channel == channel)).scalar()
+        return _FeedCursor(int(last or 0))
+
+    def feed_read(self, channel: str, cursor: Any) -> FeedBatch:
+        """Messages numbered after ``cursor`` (and any it still misses below): one SELECT."""
+        if not isinstance(cursor, _FeedCursor):
+            raise TypeError("feed_read takes a cursor from feed_position or feed_read")
+        feed = self.feed_table
+        gaps = dict(cursor.gaps)
+        wanted = feed.c.seq > cursor.seq
+        if gaps:
+            wanted = or_(wanted, feed.c.seq.in_(list(gaps)))
+        stmt = select(feed.c.seq, feed.c.message).where(feed.c.channel == channel, wanted).order_by(feed.c.seq)
+        with self._connect() as conn:
+            rows = [(int(seq), bytes(message)) for seq, message in self._run(conn, stmt)]
+        now, lost = time.monotonic(), False
+        found = {seq for seq, _ in rows}
+        top = max([cursor.seq, *found])
+        for seq in range(cursor.seq + 1, top):
+            if seq not in found:
+                gaps[seq] = now  # taken by an insert that has not committed yet (or never will)
+        still = []
+        for seq, since in gaps.items():
+            if seq in found:
+                continue
+            if now - since < _FEED_GAP_WAIT:
+                still.append((seq, since))
+            else:
+                lost = True
+        if len(still) > _FEED_MAX_GAPS:
+            lost, still = True, sorted(still)[-_FEED_MAX_GAPS:]
+        return FeedBatch([message for _, message in rows], _FeedCursor(top, tuple(sorted(still))), lost)
+
     # -- cleaner -----------------------------------------------------------------
 
     def cleanup(self) -> int:
@@ -650,7 +799,13 @@ class SQLStore:
         was lost (lease ran out) or the store is closing.
         """
         deleted = 0
-        for table, key in ((self.table, self.table.c.id), (self.lock_table, self.lock_table.c.name)):
+        tables = (
+            (self.table, self.table.c.id),
+            (self.lock_table, self.lock_table.c.name),
+            (self.index_table, self.index_table.c.ix),
+            (self.feed_table, self.feed_table.c.seq),
+        )
+        for table, key in tables:
             while True:
                 found, gone = self._purge_batch(conn, table, key, self._clock())
                 deleted += gone if table is self.table else 0
@@ -691,6 +846,11 @@ class SQLStore:
                 self.cleanup()
             except Exception:  # keep cleaning on the next round
                 log.warning("session cleanup failed", exc_info=True)
+
+
+def _later_expiry(old: Any, new: Any) -> Any:
+    """SQL for the later of two expiries, ``NULL`` meaning never."""
+    return case((or_(old.is_(None), new.is_(None)), None), (new > old, new), else_=old)
 
 
 def migrate(url: str) -> None:

@@ -14,8 +14,7 @@ import redis
 
 from sessionstore import SessionMiddleware, get_session
 from tests.helpers import ServerClient as Client
-from tests.servers.memcached_fixtures import start_memcached
-from tests.servers.process import ServerProcess, require_binary
+from tests.servers.process import ServerProcess, free_port, require_binary
 from tests.servers.redis_fixtures import start_redis
 
 
@@ -35,7 +34,7 @@ def _causes(response) -> list[str]:
 
 def test_memcached_lru_eviction_is_reported_as_evicted(tmp_path):
     server = ServerProcess(
-        [require_binary("memcached"), "-l", "127.0.0.1", "-p", str(port := _free()), "-U", "0",
+        [require_binary("memcached"), "-l", "127.0.0.1", "-p", str(port := free_port()), "-U", "0",
          "-m", "4", "-u", "root"], port, tmp_path).start()
     try:
         mw = SessionMiddleware(_app, store=f"memcached://127.0.0.1:{port}", secret_key="k", debug=True)
@@ -81,9 +80,3 @@ def test_redis_maxmemory_eviction_is_reported_as_evicted(tmp_path):
         assert _causes(response) == ["evicted"]
     finally:
         server.stop()
-
-
-def _free() -> int:
-    from tests.servers.process import free_port
-
-    return free_port()

@@ -60,7 +60,7 @@ _BASE_ARGS = [
 #: topology discovery) and this module's own queries.
 _HOUSEKEEPING = frozenset({
     "info", "hello", "client", "ping", "config", "command", "select", "auth",
-    "slowlog", "replconf", "psync", "sync", "publish", "subscribe", "sentinel",
+    "slowlog", "replconf", "psync", "sync", "subscribe", "sentinel",
     "cluster", "readonly", "readwrite", "role",
 })
 #: Slowlog client address of commands run by a Lua script.
@@ -121,7 +121,10 @@ def _client_command(entry: dict) -> str | None:
     address = entry.get("client_address", b"")
     if isinstance(address, bytes):
         address = address.decode()
-    name = entry["command"].split(b" ", 1)[0].decode().lower()
+    command = entry["command"]
+    name = command.split(b" ", 1)[0].decode().lower()
+    if name == "publish" and b"__sentinel__:hello" in command:  # sentinels gossiping
+        return None
     return None if address == _SCRIPT_CLIENT or name in _HOUSEKEEPING else name
 
 

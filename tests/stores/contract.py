@@ -1,6 +1,8 @@
 """The store contract suite: every store runs these same tests.
 
-A backend's test module subclasses :class:`StoreContract` and provides two
+A backend's test module subclasses :class:`StoreContract` (or
+:class:`LockingContract`), adds the mixins :class:`IndexContract` and
+:class:`FeedContract` for the optional protocols, and provides two
 fixtures:
 
 ``store``
@@ -14,12 +16,15 @@ fixtures:
 from __future__ import annotations
 
 import os
+import re
 import threading
+import time
 import uuid
 
 import pytest
 
-from sessionstore.stores.base import ANY, LockingStore, Record, SaveResult, Store
+from sessionstore.index import index_key
+from sessionstore.stores.base import ANY, IndexStore, LockingStore, PollFeed, PushFeed, Record, SaveResult, Store
 
 
 class StoreContract:
@@ -111,18 +116,21 @@ class StoreContract:
         elapse(self.short_ttl + self.expiry_slack)
         assert store.load(key) is None
 
+    # Servers expire on whole seconds: a record given N seconds may go after N-1. The
+    # first wait stays well inside that, the second goes past the unslid expiry.
+
     def test_touch_slides_expiry(self, store, key, elapse):
         store.save(key, b"x", 2)
-        elapse(1.2)
-        assert store.touch(key, 3)
-        elapse(1.2)
+        elapse(0.5)
+        assert store.touch(key, 4)
+        elapse(2.0)
         assert store.load(key) is not None
 
     def test_load_and_touch_slides_expiry(self, store, key, elapse):
         store.save(key, b"x", 2)
-        elapse(1.2)
-        assert store.load_and_touch(key, 3).data == b"x"
-        elapse(1.2)
+        elapse(0.5)
+        assert store.load_and_touch(key, 4).data == b"x"
+        elapse(2.0)
         assert store.load(key) is not None
 
     def test_no_ttl_never_expires(self, store, key, elapse):
@@ -241,3 +249,228 @@ class LockingContract(StoreContract):
         result = store.save_and_unlock(key, b"mine", 60, stale, "a")
         assert not result.ok and result.current is not None and result.current.data == b"theirs"
         assert store.lock(key, "b", 5)[0]
+
+
+# -- index (single sign-out) ---------------------------------------------------------
+
+
+class IndexContract:
+    """The ``IndexStore`` protocol. A mixin: the test class also provides ``store`` and
+    ``elapse`` (and runs :class:`StoreContract` through another base)."""
+
+    #: Seconds a short-lived entry lives in the age-out tests, and how long past it to wait.
+    index_short_ttl = 1
+    index_slack = 1.1
+
+    @staticmethod
+    def session_key() -> str:
+        return "sessionstore:{ix-" + uuid.uuid4().hex + "}"
+
+    @staticmethod
+    def index_key(value: str | None = None) -> str:
+        """An index key as the manager builds it (any string value, unicode and spaces included)."""
+        return index_key("sessionstore:", "cas", value or f"ST-{uuid.uuid4().hex} zoë Ünïcode")
+
+    def saved(self, store, ttl: int | None = 60) -> str:
+        key = self.session_key()
+        assert store.save(key, b"session", ttl).ok
+        return key
+
+    def test_is_an_index_store(self, store):
+        assert isinstance(store, IndexStore)
+
+    def test_index_keys_are_valid_everywhere(self):
+        ix = index_key("sessionstore:", "user", "a user name with spaces, ünïcode and \n newlines " * 50)
+        assert re.fullmatch(r"sessionstore:ix:\{[0-9a-f]{64}\}", ix)
+        assert index_key("p:", "a", "b\x00c") != index_key("p:", "a\x00b", "c")
+
+    def test_add_then_find(self, store):
+        key, ix = self.saved(store), self.index_key()
+        store.index_add(key, [ix], 60)
+        assert store.index_find(ix) == [key]
+
+    def test_unknown_index_key_finds_nothing(self, store):
+        assert store.index_find(self.index_key()) == []
+        assert store.index_drop(self.session_key()) == 0
+
+    def test_only_existing_sessions_are_found(self, store):
+        key, ix = self.session_key(), self.index_key()
+        store.index_add(key, [ix], 60)  # entries are written before the session itself
+        assert store.index_find(ix) == []
+        store.save(key, b"now it exists", 60)
+        assert store.index_find(ix) == [key]
+        store.delete(key)  # deleted without dropping its entries
+        assert store.index_find(ix) == []
+
+    def test_many_sessions_under_one_index_key_and_many_keys_per_session(self, store):
+        ix, other = self.index_key("alice"), self.index_key()
+        keys = [self.saved(store) for _ in range(3)]
+        for key in keys:
+            store.index_add(key, [ix], 60)
+        store.index_add(keys[0], [other, ix], 60)
+        assert sorted(store.index_find(ix)) == sorted(keys)
+        assert store.index_find(other) == [keys[0]]
+
+    def test_drop_removes_every_entry_of_one_session_only(self, store):
+        ix, other = self.index_key(), self.index_key()
+        mine, theirs = self.saved(store), self.saved(store)
+        store.index_add(mine, [ix, other], 60)
+        store.index_add(theirs, [ix], 60)
+        assert store.index_drop(mine) == 2
+        assert store.index_find(ix) == [theirs]
+        assert store.index_find(other) == []
+        assert store.index_drop(mine) == 0
+
+    def test_adding_again_is_idempotent(self, store):
+        key, ix = self.saved(store), self.index_key()
+        store.index_add(key, [ix, ix], 60)
+        store.index_add(key, [ix], 60)
+        assert store.index_find(ix) == [key]
+        assert store.index_drop(key) == 1
+
+    def test_entries_age_out(self, store, elapse):
+        key, ix = self.saved(store, ttl=600), self.index_key()
+        store.index_add(key, [ix], self.index_short_ttl)
+        elapse(self.index_short_ttl + self.index_slack)
+        assert store.index_find(ix) == []
+
+    def test_expired_session_is_not_found_and_refresh_extends_entries(self, store, elapse):
+        expiring, kept, ix = self.saved(store, ttl=self.index_short_ttl), self.saved(store, ttl=600), self.index_key()
+        store.index_add(expiring, [ix], 600)
+        store.index_add(kept, [ix], self.index_short_ttl)
+        store.index_add(kept, [ix], 600)  # a refresh: the entry now lives 600 s
+        store.index_add(kept, [ix], self.index_short_ttl)  # never shortened
+        elapse(self.index_short_ttl + self.index_slack)
+        assert store.index_find(ix) == [kept]
+
+    def test_entries_without_ttl_never_age_out(self, store, elapse):
+        key, ix = self.saved(store, ttl=None), self.index_key()
+        store.index_add(key, [ix], None)
+        store.index_add(key, [ix], self.index_short_ttl)  # does not shorten "never"
+        elapse(self.index_short_ttl + self.index_slack)
+        assert store.index_find(ix) == [key]
+        assert store.index_drop(key) == 1
+        assert store.index_find(ix) == []
+
+    def test_concurrent_adds_under_one_index_key_lose_nothing(self, store):
+        ix = self.index_key("a user logged in on 8 devices at once")
+        keys = [self.saved(store) for _ in range(8)]
+        barrier = threading.Barrier(len(keys))
+
+        def add(key: str) -> None:
+            barrier.wait()
+            store.index_add(key, [ix], 60)
+
+        threads = [threading.Thread(target=add, args=(k,)) for k in keys]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(store.index_find(ix)) == sorted(keys)
+
+    def test_concurrent_adds_to_one_session_lose_nothing(self, store):
+        key = self.saved(store)
+        names = [self.index_key() for _ in range(6)]
+        barrier = threading.Barrier(len(names))
+
+        def add(ix: str) -> None:
+            barrier.wait()
+            store.index_add(key, [ix], 60)
+
+        threads = [threading.Thread(target=add, args=(ix,)) for ix in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(store.index_find(ix) == [key] for ix in names)
+        assert store.index_drop(key) == len(names)
+        assert all(store.index_find(ix) == [] for ix in names)
+
+
+# -- invalidation feed (sticky mode) -------------------------------------------------
+
+
+class FeedReader:
+    """Reads a store's feed the same way whether it pushes (subscription) or is polled."""
+
+    def __init__(self, store, channel: str) -> None:
+        self.store, self.channel = store, channel
+        self.received: list[bytes] = []
+        self.losses = 0
+        self.subscription = None
+        if isinstance(store, PushFeed):
+            self.subscription = store.feed_subscribe(channel, self.received.append, self._lost)
+        else:
+            self.cursor = store.feed_position(channel)
+
+    def _lost(self) -> None:
+        self.losses += 1
+
+    def wait_for(self, count: int, timeout: float = 5.0) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            if self.subscription is None:
+                batch = self.store.feed_read(self.channel, self.cursor)
+                self.cursor = batch.cursor
+                self.received.extend(batch.messages)
+                self.losses += batch.lost
+            time.sleep(0.02)
+        return list(self.received)
+
+    def close(self) -> None:
+        if self.subscription is not None:
+            self.subscription.close()
+
+
+class FeedContract:
+    """``PushFeed`` or ``PollFeed``: every message published after a reader started reaches it,
+    in order, once. A mixin like :class:`IndexContract`."""
+
+    @pytest.fixture
+    def channel(self) -> str:
+        return f"sessionstore:test-{uuid.uuid4().hex}:inv"
+
+    def test_has_a_feed(self, store):
+        assert isinstance(store, (PushFeed, PollFeed))
+
+    def test_messages_reach_every_reader_in_order(self, store, channel):
+        before = b"published before anyone listened"
+        store.feed_publish(channel, before)
+        readers = [FeedReader(store, channel) for _ in range(2)]
+        try:
+            messages = [b'{"i": ["a"]}', bytes(range(256)), "zoë".encode()]
+            for message in messages:
+                store.feed_publish(channel, message)
+            for reader in readers:
+                assert reader.wait_for(len(messages)) == messages
+                assert reader.losses == 0
+            time.sleep(0.1)
+            assert all(reader.wait_for(len(messages) + 1, timeout=0.3) == messages for reader in readers)
+        finally:
+            for reader in readers:
+                reader.close()
+
+    def test_channels_are_separate(self, store, channel):
+        reader = FeedReader(store, channel)
+        try:
+            store.feed_publish(channel + "-other", b"not for us")
+            store.feed_publish(channel, b"for us")
+            assert reader.wait_for(1) == [b"for us"]
+        finally:
+            reader.close()
+
+    def test_concurrent_publishers_lose_nothing(self, store, channel):
+        reader = FeedReader(store, channel)
+        try:
+            def publish(i: int) -> None:
+                for j in range(5):
+                    store.feed_publish(channel, f"{i}-{j}".encode())
+
+            threads = [threading.Thread(target=publish, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert sorted(reader.wait_for(20)) == sorted(f"{i}-{j}".encode() for i in range(4) for j in range(5))
+        finally:
+            reader.close()

@@ -22,7 +22,7 @@ from tests.servers.memcached_fixtures import (
 )
 from tests.servers.process import free_port
 
-from .contract import LockingContract
+from .contract import FeedContract, IndexContract, LockingContract
 
 PRIMARY, BACKUP = 1, 2
 DAY = 24 * 3600
@@ -101,7 +101,7 @@ def elapse():
     return time.sleep
 
 
-class TestMemcachedContract(LockingContract):
+class TestMemcachedContract(LockingContract, IndexContract, FeedContract):
     lock_resolution = 1.0  # memcached expiries are whole seconds
 
     def test_foreign_version_is_a_conflict(self, store, key):
@@ -502,3 +502,54 @@ def test_unconditional_save_and_delete_cover_both_copies(store, cluster):
     assert isinstance(v, Version)
     assert store.delete(key, expect=v)
     assert holders(cluster, key) == {}
+
+
+def test_index_server_counted_costs(store, cluster):
+    from sessionstore.index import index_key
+
+    key, ix = new_key(), index_key("sessionstore:", "cas", f"ST-{uuid.uuid4().hex}")
+    store.save(key, b"session", 60)
+
+    def cost(call):
+        counter, token = open_counter()
+        before = commands(cluster)
+        try:
+            call()
+        finally:
+            close_counter(token)
+        spent = commands(cluster) - before
+        assert counter.n == spent, "count_ops must match what the servers executed"
+        return spent
+
+    assert cost(lambda: store.index_add(key, [ix], 60)) == 4  # two new records: add + backup copy each
+    assert cost(lambda: store.index_add(key, [ix], 60)) == 8  # a refresh: failed add, gets, cas, copy each
+    assert cost(lambda: store.index_find(ix)) == 2  # gets of the record, mg of the session
+    assert store.index_drop(key) == 1
+    assert holders(cluster, ix) == {} and holders(cluster, companion_key(key, "ix")) == {}
+
+
+def test_feed_polls_cost_one_get(store, cluster):
+    channel = f"sessionstore:{uuid.uuid4().hex}:inv"
+    cursor = store.feed_position(channel)
+    before = commands(cluster)
+    for _ in range(10):
+        batch = store.feed_read(channel, cursor)
+        assert batch.messages == [] and not batch.lost
+        cursor = batch.cursor
+    assert commands(cluster) - before == 10
+    before = commands(cluster)
+    store.feed_publish(channel, b"m")
+    assert commands(cluster) - before == 2  # incr, then the record (one copy)
+    assert store.feed_read(channel, cursor).messages == [b"m"]
+
+
+def test_feed_reports_a_lost_sequence(store, cluster):
+    channel = f"sessionstore:{uuid.uuid4().hex}:inv"
+    cursor = store.feed_position(channel)
+    store.feed_publish(channel, b"one")
+    cursor = store.feed_read(channel, cursor).cursor
+    for server in cluster.servers:  # the sequence's node restarted empty (here: the key is gone)
+        Client(("127.0.0.1", server.port)).delete(f"{channel}:seq")
+    store.feed_publish(channel, b"after the reset")
+    batch = store.feed_read(channel, cursor)
+    assert batch.lost and batch.messages == [b"after the reset"]

@@ -4,7 +4,7 @@ import pytest
 
 from sessionstore.stores.memory import MemoryStore
 
-from .contract import LockingContract
+from .contract import FeedContract, IndexContract, LockingContract
 
 
 class FakeClock:
@@ -15,7 +15,7 @@ class FakeClock:
         return self.now
 
 
-class TestMemoryStore(LockingContract):
+class TestMemoryStore(LockingContract, IndexContract, FeedContract):
     @pytest.fixture
     def clock(self):
         return FakeClock()

@@ -25,7 +25,7 @@ from sessionstore.stores.redis import RedisStore, _parse_url
 from tests.servers.process import free_port
 from tests.servers.redis_fixtures import redis_client, redis_commands
 
-from .contract import LockingContract
+from .contract import FeedContract, IndexContract, LockingContract
 
 
 def session_key() -> str:
@@ -73,7 +73,7 @@ def _store(url: str):
     store.close()
 
 
-class TestStandalone(RedisContract):
+class TestStandalone(RedisContract, IndexContract, FeedContract):
     @pytest.fixture
     def store(self, redis_server):
         yield from _store(redis_server.url)
@@ -91,7 +91,7 @@ class TestSentinel(RedisContract):
         yield from _store(redis_sentinel.url)
 
 
-class TestCluster(RedisContract):
+class TestCluster(RedisContract, IndexContract, FeedContract):
     @pytest.fixture
     def store(self, redis_cluster):
         yield from _store(redis_cluster.url)
@@ -513,4 +513,70 @@ def test_a_lock_holder_taking_it_again_keeps_it(redis_server, key):
     assert store.lock(key, "a", 5)[0] and store.lock(key, "a", 5)[0]
     assert store.lock(key, "a", 5, load_ttl=60) == (True, None)
     assert store.lock(key, "b", 5)[0] is False
+    store.close()
+
+
+# -- index and feed: costs, layout, TTLs ------------------------------------------------
+
+
+def _ix(value: str) -> str:
+    from sessionstore.index import index_key
+
+    return index_key("sessionstore:", "cas", value)
+
+
+def test_index_calls_counted_by_the_server(redis_server, key):
+    store = RedisStore.from_url(redis_server.url)
+    port = redis_server.port
+    store.save(key, b"data", 60)
+    names = [_ix(f"ST-{uuid.uuid4().hex}") for _ in range(2)]
+    store.index_add(key, names, 60)  # loads the scripts
+    store.index_find(names[0])
+    store.index_drop(key)
+    store.index_add(key, names, 60)
+    redis_commands(port)
+    assert _counted(lambda: store.index_add(key, names, 60)) == 1
+    assert redis_commands(port) == ["evalsha"]  # reverse set and both forward keys, one script
+    assert _counted(lambda: store.index_find(names[0])) == 2
+    assert redis_commands(port) == ["evalsha", "exists"]
+    assert _counted(lambda: store.index_drop(key)) == 2
+    assert redis_commands(port) == ["smembers", "evalsha"]
+    assert _counted(lambda: store.index_find(names[1])) == 1  # nothing under it: no EXISTS
+    assert _counted(lambda: store.feed_publish("sessionstore:inv", b"{}")) == 1  # PUBLISH
+    store.close()
+
+
+def test_index_layout_and_ttls(redis_server, key):
+    store = RedisStore.from_url(redis_server.url)
+    store.save(key, b"data", 60)
+    ix = _ix("ST-layout")
+    store.index_add(key, [ix], 100)
+    with redis_client(redis_server.port) as client:
+        reverse = companion_key(key, "ix")
+        assert client.smembers(reverse) == {ix.encode()}
+        assert 99_000 < client.pttl(reverse) <= 100_000 and 99_000 < client.pttl(ix) <= 100_000
+        (member, score), = client.zrange(ix, 0, -1, withscores=True)
+        assert member == key.encode() and abs(score / 1000 - time.time() - 100) < 5
+        store.index_add(key, [ix], 50)  # never shortened
+        assert client.pttl(ix) > 90_000
+        store.index_add(key, [ix], None)  # a session without TTL: its entries neither
+        assert client.pttl(ix) == -1 and client.pttl(reverse) == -1
+        assert client.zscore(ix, key) == float("inf")
+    store.close()
+
+
+def test_cluster_index_calls_are_one_script_per_slot(redis_cluster, key):
+    store = RedisStore.from_url(redis_cluster.url)
+    store.save(key, b"data", 60)
+    names = [_ix(f"ST-{i}-{uuid.uuid4().hex}") for i in range(3)]
+    slots = {key_slot(companion_key(key, "ix").encode())} | {key_slot(n.encode()) for n in names}
+    store.index_add(key, names, 60)
+    for port in redis_cluster.ports:
+        redis_commands(port)
+    assert _counted(lambda: store.index_add(key, names, 60)) == len(slots)
+    sent = [c for port in redis_cluster.ports for c in redis_commands(port)]
+    assert sent == ["evalsha"] * len(slots)
+    assert all(store.index_find(n) == [key] for n in names)
+    assert store.index_drop(key) == 3
+    assert all(store.index_find(n) == [] for n in names)
     store.close()

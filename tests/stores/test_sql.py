@@ -22,7 +22,7 @@ from sessionstore.errors import ConfigError, StoreUnavailable
 from sessionstore.stores.base import Record, close_counter, open_counter
 from sessionstore.stores.sql import CLEANER_LEASE, SQLStore, migrate
 
-from .contract import LockingContract
+from .contract import FeedContract, IndexContract, LockingContract
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -101,7 +101,7 @@ class RecordingStore(SQLStore):
 # -- the contract and SQL specifics, per database ------------------------------
 
 
-class SQLStoreTests(LockingContract):
+class SQLStoreTests(LockingContract, IndexContract, FeedContract):
     """Subclasses provide ``base_url``: the database, without store options."""
 
     @pytest.fixture
