@@ -614,7 +614,7 @@ class SessionManager:
                 # Destroyed (invalidated, expired) by someone else: never resurrect it.
                 session._record.add("concurrent-update", destroyed_meanwhile=True)
                 return False
-            (data, plain), expect = self._merge_into(session, changes, result.current.data), result.current.version
+            (data, plain), expect = self._merge_into(session, changes, result.current), result.current.version
         raise ConflictError(sorted(set(changes.written) | changes.removed))
 
     def _write(self, session: Session, key: str, data: bytes, ttl: int | None, expect: Any) -> Any:
@@ -626,11 +626,11 @@ class SessionManager:
         self._renewer.drop(*lock)  # type: ignore[union-attr]
         return self.store.save_and_unlock(key, data, ttl, expect, lock[1])  # type: ignore[attr-defined]
 
-    def _merge_into(self, session: Session, changes: Changes, theirs_data: bytes) -> tuple[bytes, bytes]:
+    def _merge_into(self, session: Session, changes: Changes, current: Record) -> tuple[bytes, bytes]:
         record: RequestRecord = session._record
         s = session._s
         try:
-            theirs: Payload | None = self._decode(theirs_data, self.key(s.id))  # type: ignore[arg-type]
+            theirs: Payload | None = self._decode(current.data, self.key(s.id))  # type: ignore[arg-type]
         except CorruptPayload:
             theirs = None
         merged, conflicts = merge(
@@ -638,7 +638,10 @@ class SessionManager:
             theirs={} if theirs is None else theirs.blobs(),
             changes=changes,
         )
-        record.add("concurrent-update")
+        if current.relocated and not conflicts and theirs is not None and theirs.data == (s.payload and s.payload.data):
+            record.add("relocated")  # the copy moved to another node meanwhile; nobody else wrote
+        else:
+            record.add("concurrent-update")
         if conflicts:
             record.details["conflicts"] = sorted(conflicts)
             # how many saves of each attribute this request's write replaces (lost updates)

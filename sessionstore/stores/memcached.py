@@ -1,6 +1,6 @@
 """Memcached store: a consistent-hash ring of nodes, each session on two of them.
 
-URL: ``memcached://h1:p1,h2:p2?failover=h3:p3&timeout=0.5&connect_timeout=0.5&retry_after=5&pool_size=32``.
+URL: ``memcached://h1:p1,h2:p2?failover=h3:p3&timeout=0.5&connect_timeout=0.5&retry_after=5&pool_size=32&rejoin_after=10``.
 
 Placement
     The primary nodes form a ring of 160 md5 points per node (ketama style,
@@ -44,6 +44,11 @@ Copies and versions
     and save) fails with ``current``; the caller merges as for any conflict.
 
 Node restarts, stale copies, known limits
+    * A node that restarted while this process used it rejoins only when its
+      uptime reaches ``rejoin_after`` (10 s): every process reads the same
+      uptime, so they all put it back in their rings at the same moment and
+      never disagree for long on which node holds a key (a disagreement lets
+      two processes overwrite each other's writes through different copies).
     * A primary that restarted empty: its keys are read from the backup node
       (``relocated``) and the next save writes both copies again.
     * A dead primary: the backup node is first in the live list, so reads go
@@ -268,9 +273,12 @@ class _Wire(Client):
 
 
 class _NodeDown(Exception):
-    def __init__(self, node: "_Node") -> None:
+    """``node`` cannot be used: unreachable, or (``for_seconds``) back too recently."""
+
+    def __init__(self, node: "_Node", for_seconds: float | None = None) -> None:
         super().__init__(node.name)
         self.node = node
+        self.for_seconds = for_seconds
 
 
 @dataclass(frozen=True)
@@ -279,6 +287,7 @@ class _Options:
     connect_timeout: float = 0.5
     retry_after: float = 5.0
     pool_size: int = 32
+    rejoin_after: float = 10.0
 
 
 class _Node:
@@ -287,6 +296,7 @@ class _Node:
     def __init__(self, name: str, address: tuple[str, int], options: _Options) -> None:
         self.name = name
         self.dead_until = 0.0
+        self._known_since = time.monotonic()
         self._address = address
         self._options = options
         self._idle: list[_Wire] = []
@@ -318,6 +328,8 @@ class _Node:
         retry_stale = client.sock is not None
         while True:
             try:
+                if client.sock is None:
+                    self._check_uptime(client)
                 result = op(client)
             except _STALE as exc:
                 client.close()
@@ -331,6 +343,22 @@ class _Node:
                 raise StoreError(f"memcached {self.name}: {type(exc).__name__}: {str(exc)[:120]}") from None
             count_ops()
             return result
+
+    def _check_uptime(self, client: _Wire) -> None:
+        """On every new connection: a server that restarted while this process was using
+        it rejoins only ``rejoin_after`` seconds after its start.
+
+        A node that comes back empty must rejoin every app process's ring at the
+        same moment, or two processes disagreeing on which node holds a key can
+        overwrite each other's acknowledged writes. Its uptime is the one clock
+        they all read alike. A server older than this process's knowledge of it
+        (a fresh deployment, a process started later) is used at once.
+        """
+        uptime = float(client.stats()[b"uptime"])
+        restarted_meanwhile = uptime < time.monotonic() - self._known_since
+        if restarted_meanwhile and uptime < self._options.rejoin_after:
+            client.close()
+            raise _NodeDown(self, self._options.rejoin_after - uptime)
 
     def _checkout(self) -> _Wire:
         with self._guard:
@@ -401,6 +429,7 @@ _OPTION_PARSERS: dict[str, tuple[Callable[[str], Any], Callable[[Any], bool], st
     "connect_timeout": (float, lambda v: v > 0, "a number > 0"),
     "retry_after": (float, lambda v: v >= 0, "a number >= 0"),
     "pool_size": (int, lambda v: v >= 1, "an integer >= 1"),
+    "rejoin_after": (float, lambda v: v >= 0, "a number >= 0"),
 }
 
 
@@ -436,6 +465,7 @@ class MemcachedStore:
         timeout: float = 0.5,
         connect_timeout: float = 0.5,
         retry_after: float = 5.0,
+        rejoin_after: float = 10.0,
         pool_size: int = 32,
         copies: int = 2,
         clock: Callable[[], float] = time.time,
@@ -443,7 +473,7 @@ class MemcachedStore:
         if copies not in (1, 2):
             raise ConfigError("store", f"memcached copies must be 1 or 2, got {copies!r}")
         self._copies = copies
-        options = _Options(timeout, connect_timeout, retry_after, pool_size)
+        options = _Options(timeout, connect_timeout, retry_after, pool_size, rejoin_after)
         primaries = [_Node(_node_name(h, p), (h, p), options) for h, p in servers]
         standby = [_Node(_node_name(h, p), (h, p), options) for h, p in failover]
         names = [node.name for node in primaries + standby]
@@ -485,11 +515,14 @@ class MemcachedStore:
                 return nodes
         return []
 
-    def _mark_dead(self, node: _Node) -> None:
+    def _mark_dead(self, node: _Node, for_seconds: float | None = None) -> None:
+        """Skip ``node`` for ``retry_after`` seconds (or ``for_seconds``: a node back too recently)."""
         now = self._clock()
+        pause = self._retry_after if for_seconds is None else for_seconds
         if node.alive(now):
-            log.warning("memcached %s unreachable; skipped for %.1fs", node.name, self._retry_after)
-        node.dead_until = now + self._retry_after
+            why = "unreachable" if for_seconds is None else "restarted moments ago"
+            log.warning("memcached %s %s; skipped for %.1fs", node.name, why, pause)
+        node.dead_until = now + pause
         node.close()
 
     def _run(self, key: bytes, op: Callable[[list[_Node]], T]) -> T:
@@ -501,7 +534,7 @@ class MemcachedStore:
             try:
                 return op(nodes)
             except _NodeDown as down:
-                self._mark_dead(down.node)
+                self._mark_dead(down.node, down.for_seconds)
         raise StoreUnavailable("no memcached node that could hold this key is reachable")
 
     def _reach(self, node: _Node, op: Callable[[_Wire], T]) -> T | _NodeDown:
@@ -509,7 +542,7 @@ class MemcachedStore:
         try:
             return node.call(op)
         except _NodeDown as down:
-            self._mark_dead(node)
+            self._mark_dead(node, down.for_seconds)
             return down
 
     def _on_each(self, nodes: Iterable[_Node], op: Callable[[_Wire], bool]) -> bool:

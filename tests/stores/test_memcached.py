@@ -553,3 +553,24 @@ def test_feed_reports_a_lost_sequence(store, cluster):
     store.feed_publish(channel, b"after the reset")
     batch = store.feed_read(channel, cursor)
     assert batch.lost and batch.messages == [b"after the reset"]
+
+
+def test_a_node_restarted_while_in_use_rejoins_only_after_rejoin_after(memcached_fault_cluster):
+    """Every app process reads the same server uptime, so they all put a restarted node
+    back into their rings at the same moment (no two processes disagree for long)."""
+    cluster = memcached_fault_cluster
+    store = MemcachedStore.from_url(cluster.url(rejoin_after=6, retry_after=0.5))
+    key = saved_with_primary_on(store, cluster, cluster.ring[0].port)
+    time.sleep(3.5)  # this process has known the server longer than a fresh server's uptime (~2 s)
+    crash_restart(cluster.ring[0])
+    record = store.load(key)
+    assert record.data == b"v1" and record.relocated
+    assert store.save(key, b"v2", 600, expect=record.version).ok
+    assert cluster.ring[0].port not in holders(cluster, key)  # skipped while it is too young
+    deadline = time.monotonic() + 12
+    while cluster.ring[0].port not in holders(cluster, key) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        current = store.load(key)
+        store.save(key, b"v3", 600, expect=current.version)
+    assert holders(cluster, key)[cluster.ring[0].port] == PRIMARY  # back in the ring
+    store.close()
