@@ -31,18 +31,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server  # noqa: E402
 
 from sessionstore import SessionMiddleware, get_session  # noqa: E402
+from tests.servers.wsgi_node import serve_until_signalled  # noqa: E402
 
 __all__ = ["ChaosApp", "build_app", "main"]
 
@@ -84,14 +82,6 @@ def build_app(node_id: str, mode: str, store: str, secret: str, backup: str = "s
     return SessionMiddleware(ChaosApp(node_id), **fields)
 
 
-class _QuietHandler(WSGIRequestHandler):
-    """No access log (thousands of requests); errors still go to stderr."""
-
-    def log(self, type: str, message: str, *args: Any) -> None:
-        if type == "error":
-            super().log(type, message, *args)
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
@@ -107,21 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT (clean) or SIGKILL (the point of the chaos run)."""
     args = _parse(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = build_app(args.node_id, args.mode, args.store, args.secret, args.backup)
-    server: BaseWSGIServer = make_server("127.0.0.1", args.port, app, threaded=True,
-                                         request_handler=_QuietHandler)
-    server.daemon_threads = True
-
-    def stop(signum: int, frame: Any) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    try:
-        server.serve_forever(poll_interval=0.05)
-    finally:
-        server.server_close()
-        app.manager.close()
+    serve_until_signalled(build_app(args.node_id, args.mode, args.store, args.secret, args.backup), args.port)
     return 0
 
 

@@ -37,7 +37,6 @@ import argparse
 import http.client
 import json
 import logging
-import signal
 import sys
 import threading
 import time
@@ -50,9 +49,9 @@ from urllib.parse import parse_qs
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server  # noqa: E402
 
 from sessionstore import SessionMiddleware, get_session  # noqa: E402
+from tests.servers.wsgi_node import serve_until_signalled  # noqa: E402
 from tests.servers.process import ServerProcess, free_port  # noqa: E402
 
 __all__ = ["build_app", "main", "NodeApp", "Browser", "Reply", "start_node", "COOKIE", "WriteRun",
@@ -106,14 +105,6 @@ def build_app(node_id: str, store: str, backup: str, secret: str, **fields: Any)
                              secret_key=secret, debug=True, **fields)
 
 
-class _QuietHandler(WSGIRequestHandler):
-    """No access log: thousands of requests per test would only slow the node down."""
-
-    def log(self, type: str, message: str, *args: Any) -> None:
-        if type == "error":
-            super().log(type, message, *args)
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
@@ -129,20 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT (clean: async backups flushed) or SIGKILL (not clean)."""
     args = _parse(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = build_app(args.node_id, args.store, args.backup, args.secret, max_inactive=args.max_inactive)
-    server: BaseWSGIServer = make_server("127.0.0.1", args.port, app, threaded=True,
-                                         request_handler=_QuietHandler)
-
-    def stop(signum: int, frame: Any) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    try:
-        server.serve_forever(poll_interval=0.05)
-    finally:
-        server.server_close()
-        app.manager.close()
+    serve_until_signalled(build_app(args.node_id, args.store, args.backup, args.secret, max_inactive=args.max_inactive), args.port)
     return 0
 
 
