@@ -176,7 +176,7 @@ def _memcached_process(workdir: Path, index: int) -> ChaosProcess:
 def _node_process(workdir: Path, node_id: str, mode: str, store_url: str, secret: str, backup: str) -> ChaosProcess:
     port = free_port()
     argv = [sys.executable, "-m", "tests.chaos.node", "--port", str(port), "--node-id", node_id, "--mode", mode,
-            "--store", store_url, "--backup", backup, "--secret", secret]
+            "--store", store_url, "--backup", backup, f"--secret={secret}"]
     return ChaosProcess(argv, port, workdir, name=f"node-{node_id}", cwd=ROOT)
 
 

@@ -45,7 +45,7 @@ def start_app_server(workdir: Path, store: str, secret: str, lock_expiry: float)
     port = free_port()
     boot = f"import sys; sys.path.insert(0, {str(_ROOT)!r}); from tests.integration.app_server import main; main(sys.argv[1:])"
     argv = [sys.executable, "-c", boot, "--port", str(port), "--store", store,
-            "--secret", secret, "--lock-expiry", str(lock_expiry)]
+            f"--secret={secret}", "--lock-expiry", str(lock_expiry)]
     return ServerProcess(argv, port, workdir).start(timeout=20)
 
 

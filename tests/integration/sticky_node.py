@@ -135,7 +135,7 @@ def start_node(node_id: str, store: str, *, secret: str, backup: str = "sync", p
     """
     port = port or free_port()
     argv = [sys.executable, str(Path(__file__).resolve()), "--port", str(port), "--node-id", node_id,
-            "--store", store, "--backup", backup, "--secret", secret, "--max-inactive", str(max_inactive)]
+            "--store", store, "--backup", backup, f"--secret={secret}", "--max-inactive", str(max_inactive)]
     return ServerProcess(argv, port, workdir).start(timeout=30)
 
 
