@@ -96,7 +96,7 @@ from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 
 from .debug import RequestRecord
-from .errors import ConflictError, LockTimeout, StoreUnavailable, failure_response
+from .errors import ConflictError, LockTimeout, StoreUnavailable, failure_headers, failure_response
 from .manager import SessionManager
 from .session import Session
 from .settings import Settings
@@ -471,8 +471,7 @@ def _failure_response(request: HttpRequest, exc: Exception) -> HttpResponse:
     session = getattr(request, "session", None)
     if isinstance(session, SessionStore):
         session._record.add(cause, error=str(exc))
-    response = HttpResponse(body, status=status, content_type="text/plain; charset=utf-8")
-    response["Cache-Control"] = "no-store"
-    if status == 503:
-        response["Retry-After"] = "1"
+    response = HttpResponse(body, status=status)
+    for name, value in failure_headers(status):
+        response[name] = value
     return response

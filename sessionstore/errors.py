@@ -14,6 +14,7 @@ __all__ = [
     "LockTimeout",
     "FAILURE_RESPONSES",
     "failure_response",
+    "failure_headers",
 ]
 
 
@@ -85,6 +86,14 @@ FAILURE_RESPONSES: tuple[tuple[type[SessionStoreError], int, str, bytes], ...] =
     (SerializationError, 500, "serialization-error", b"Session could not be saved.\n"),
     (SessionTooLarge, 500, "too-large", b"Session too large to save.\n"),
 )
+
+
+def failure_headers(status: int) -> list[tuple[str, str]]:
+    """Headers of a replaced response: plain text, not cached, ``Retry-After`` on a 503."""
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
+    if status == 503:
+        headers.append(("Retry-After", "1"))
+    return headers
 
 
 def failure_response(exc: BaseException) -> tuple[int, str, bytes] | None:

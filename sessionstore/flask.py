@@ -100,6 +100,7 @@ from .errors import (
     SerializationError,
     SessionStoreError,
     StoreUnavailable,
+    failure_headers,
     failure_response,
 )
 from .manager import CommitOutcome, SessionManager
@@ -367,7 +368,7 @@ class SessionStoreInterface(SessionInterface):
         log = _log.warning if status != 500 else _log.error
         log("sessionstore: %s: %s (nothing of this request's session was saved)", cause, exc)
         response.status_code = status
-        response.headers = Headers(_failure_headers(status))
+        response.headers = Headers(failure_headers(status))
         response.set_data(body)
 
     def load_failed(self, exc: SessionStoreError) -> Response:
@@ -377,7 +378,7 @@ class SessionStoreInterface(SessionInterface):
         if isinstance(record, RequestRecord):
             record.add(cause, error=str(exc))
         _log.warning("sessionstore: %s: %s", cause, exc)
-        return Response(body, status, headers=_failure_headers(status))
+        return Response(body, status, headers=failure_headers(status))
 
     def teardown(self, exc: BaseException | None = None) -> None:
         """``teardown_request``: release the session (lock, shared state) and close its record."""
@@ -409,13 +410,6 @@ def _failure(exc: SessionStoreError) -> tuple[int, str, bytes]:
     if answer is None:
         raise exc
     return answer
-
-
-def _failure_headers(status: int) -> list[tuple[str, str]]:
-    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
-    if status == 503:
-        headers.append(("Retry-After", "1"))
-    return headers
 
 
 # -- the extension ------------------------------------------------------------------------

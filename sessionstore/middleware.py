@@ -18,7 +18,14 @@ from werkzeug.http import dump_cookie
 
 from .cookie_loss import CookieLossDetector
 from .debug import RequestRecord
-from .errors import LockTimeout, SerializationError, SessionStoreError, StoreUnavailable, failure_response
+from .errors import (
+    LockTimeout,
+    SerializationError,
+    SessionStoreError,
+    StoreUnavailable,
+    failure_headers,
+    failure_response,
+)
 from .manager import CommitOutcome, SessionManager
 from .session import Session
 from .settings import Settings
@@ -34,7 +41,6 @@ WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 _DEFAULT_KEY = "sessionstore.session"
 #: When ``environ_key`` is not the default, ``environ[ENVIRON_KEY_POINTER]`` names it.
 ENVIRON_KEY_POINTER = "sessionstore.environ_key"
-_KEY_POINTER = ENVIRON_KEY_POINTER
 #: ``environ[RECORD_KEY]`` is the request's :class:`~sessionstore.debug.RequestRecord`.
 RECORD_KEY = "sessionstore.record"
 
@@ -45,7 +51,7 @@ def get_session(environ: dict, key: str | None = None) -> Session:
     a :class:`SessionMiddleware`.
     """
     try:
-        return environ[key or environ.get(_KEY_POINTER, _DEFAULT_KEY)]
+        return environ[key or environ.get(ENVIRON_KEY_POINTER, _DEFAULT_KEY)]
     except KeyError:
         raise LookupError(
             "no session in this request: the path matches ignore_pattern, or the app is not "
@@ -97,7 +103,7 @@ class SessionMiddleware:
             session = self.manager.open(cookie, record, environ.get("PATH_INFO", ""))
             environ[self.settings.environ_key] = session
             if self.settings.environ_key != _DEFAULT_KEY:
-                environ[_KEY_POINTER] = self.settings.environ_key
+                environ[ENVIRON_KEY_POINTER] = self.settings.environ_key
             environ[RECORD_KEY] = record
             response = _Response(self, environ, session, record, counter, start_response)
             try:
@@ -215,10 +221,7 @@ class _Response:
             self.record.details["attribute"] = exc.path
         log = _log.warning if cause in ("lock-timeout", "store-unavailable", "concurrent-update") else _log.error
         log("sessionstore: %s: %s (nothing of this request's session was saved)", cause, exc)
-        headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
-                   ("Cache-Control", "no-store")]
-        if cause in ("lock-timeout", "store-unavailable"):
-            headers.append(("Retry-After", "1"))
+        headers = [*failure_headers(code), ("Content-Length", str(len(body)))]
         if self.mw.settings.debug:
             headers.append(("X-Session-Debug", self.record.header()))
         return status, headers, body
