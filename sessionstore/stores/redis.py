@@ -111,6 +111,7 @@ from redis.sentinel import Sentinel
 
 from ..errors import ConfigError, CorruptPayload, StoreError, StoreUnavailable
 from .base import ANY, INDEX_SUFFIX, NO_LOAD, Record, SaveResult, companion_key, count_ops
+from .redis_direct import MISS, DirectReads
 
 __all__ = ["RedisStore"]
 
@@ -320,6 +321,7 @@ class RedisStore:
             (lambda: client) if isinstance(client, (Redis, RedisCluster)) else client
         )
         self._client: Client | None = None
+        self._reads: DirectReads | None = None  # standalone and Sentinel: see redis_direct
         self._lock = threading.Lock()
 
     @classmethod
@@ -362,6 +364,8 @@ class RedisStore:
             with self._lock:
                 if self._client is None:
                     self._client = self._built()
+                    if not isinstance(self._client, RedisCluster):
+                        self._reads = DirectReads(self._client)
                 client = self._client
         return client
 
@@ -376,6 +380,18 @@ class RedisStore:
         count_ops()
         with _translated():
             return self._redis().execute_command(*args, **options)
+
+    def _read(self, *args: Any) -> Any:
+        """Send one read command, directly when possible (:mod:`.redis_direct`), else as ``_command``."""
+        reads = self._reads
+        if reads is None:
+            return self._command(*args)
+        count_ops()
+        with _translated():
+            reply = reads.call(*args)
+            if reply is MISS:
+                return self._redis().execute_command(*args)
+        return reply
 
     def _script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         """Run ``script`` with EVALSHA (one command); its raw reply."""
@@ -395,12 +411,12 @@ class RedisStore:
 
     def load(self, key: str) -> Record | None:
         """The record under ``key`` (``GET``); the expiry is left alone."""
-        return _record(self._command("GET", key))
+        return _record(self._read("GET", key))
 
     def load_and_touch(self, key: str, ttl: int | None) -> Record | None:
         """The record under ``key``, its expiry slid to ``ttl`` (one ``GETEX``)."""
         expiry = ("PERSIST",) if ttl is None else ("PX", _ms(ttl))
-        return _record(self._command("GETEX", key, *expiry))
+        return _record(self._read("GETEX", key, *expiry))
 
     def save(self, key: str, data: bytes, ttl: int | None, expect: Any = ANY) -> SaveResult:
         """Write ``data`` with ``ttl`` if the stored version is ``expect``.
@@ -432,6 +448,9 @@ class RedisStore:
         """Close the client's connections (and Sentinel's). The store reconnects if used again."""
         with self._lock:
             client, self._client = self._client, None
+            reads, self._reads = self._reads, None
+        if reads is not None:
+            reads.close()
         if client is not None:
             _close(client)
 

@@ -1,0 +1,121 @@
+"""The Redis store's direct read connections (``stores/redis_direct.py``), against a real server.
+
+Reads (``GET``, ``GETEX``) bypass redis-py's ``execute_command``; these tests
+check what that must not break: a restart of the server, an error reply,
+a forked worker process, ``close()``, and parallel threads.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+
+import pytest
+
+from sessionstore.errors import StoreError
+from sessionstore.stores.base import close_counter, open_counter
+from sessionstore.stores.redis import RedisStore
+from tests.servers.redis_fixtures import redis_client
+
+
+def _key() -> str:
+    return "sessionstore:{" + uuid.uuid4().hex + "}"
+
+
+@pytest.fixture
+def store(redis_server):
+    store = RedisStore.from_url(redis_server.url)
+    yield store
+    store.close()
+
+
+def test_a_read_is_one_command_on_its_own_connection(store, redis_server):
+    key = _key()
+    store.save(key, b"payload", 60)
+    counter, token = open_counter()
+    try:
+        assert store.load_and_touch(key, 60).data == b"payload"
+        assert store.load(key).data == b"payload"
+    finally:
+        close_counter(token)
+    assert counter.n == 2
+    with redis_client(redis_server.port) as client:
+        names = [c["cmd"] for c in client.client_list()]
+    assert "getex" in names or "get" in names  # the direct connection is a client of its own
+
+
+def test_a_read_after_the_server_restarted_reconnects(store, redis_server):
+    key = _key()
+    store.save(key, b"before", 60)
+    assert store.load(key).data == b"before"  # the direct connection now exists
+    redis_server.stop()
+    redis_server.start()
+    assert store.load(key) is None  # the server kept nothing; the dead connection was replaced
+    store.save(key, b"after", 60)
+    assert store.load_and_touch(key, 60).data == b"after"
+
+
+def test_an_error_reply_is_a_store_error_and_the_next_read_works(store, redis_server):
+    wrong, good = _key(), _key()
+    with redis_client(redis_server.port) as client:
+        client.rpush(wrong, b"not a string")
+    store.save(good, b"fine", 60)
+    with pytest.raises(StoreError, match="WRONGTYPE"):
+        store.load(wrong)
+    for _ in range(3):
+        assert store.load(good).data == b"fine"
+
+
+def test_close_then_read_reconnects(store):
+    key = _key()
+    store.save(key, b"x", 60)
+    assert store.load(key).data == b"x"
+    store.close()
+    assert store.load(key).data == b"x"
+
+
+def test_threads_never_share_a_connection(store):
+    keys = [_key() for _ in range(8)]
+    for i, key in enumerate(keys):
+        store.save(key, f"value-{i}".encode(), 60)
+    wrong: list[str] = []
+
+    def reader(i: int) -> None:
+        for _ in range(300):
+            record = store.load_and_touch(keys[i], 60)
+            if record is None or record.data != f"value-{i}".encode():
+                wrong.append(f"thread {i} read {record!r}")
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(len(keys))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+def test_a_forked_child_reads_on_a_connection_of_its_own(store):
+    parent_key, child_key = _key(), _key()
+    store.save(parent_key, b"parent", 60)
+    store.save(child_key, b"child", 60)
+    assert store.load(parent_key).data == b"parent"  # the parent's direct connection exists before the fork
+    pid = os.fork()
+    if pid == 0:  # the child: a shared socket would interleave replies with the parent's
+        code = 0
+        try:
+            for _ in range(300):
+                record = store.load(child_key)
+                if record is None or record.data != b"child":
+                    code = 1
+        except BaseException:
+            code = 2
+        os._exit(code)
+    wrong = 0
+    for _ in range(300):
+        record = store.load(parent_key)
+        if record is None or record.data != b"parent":
+            wrong += 1
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert wrong == 0
