@@ -11,13 +11,14 @@ verifies. A value that fails verification is never looked up.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import hmac
 import secrets
 from enum import Enum
 
 from itsdangerous import Signer
-from itsdangerous.encoding import base64_decode, base64_encode
+from itsdangerous.encoding import base64_encode
 
 from . import ids
 
@@ -26,6 +27,7 @@ __all__ = ["CookieSigner", "Verdict", "split_cookie"]
 #: Longest cookie value considered at all: a signed id is ~100 characters.
 MAX_COOKIE_LENGTH = 256
 _SIG_LENGTH = 43  # HMAC-SHA256 in URL-safe base64
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 
 
 class Verdict(Enum):
@@ -54,12 +56,19 @@ class CookieSigner:
         # itsdangerous derives a key per secret on every call; derive them once and
         # compute its HMAC-SHA256 with the one-shot C function (the signatures are
         # itsdangerous' own, byte for byte).
+        # Each key's HMAC state is built once and copied per message.
         signer = Signer(secret_keys, salt="sessionstore.cookie", digest_method=hashlib.sha256)
-        self._keys = [signer.derive_key(key) for key in secret_keys]
+        self._macs = [hmac.new(signer.derive_key(key), digestmod=hashlib.sha256) for key in secret_keys]
+
+    @staticmethod
+    def _mac(keyed: "hmac.HMAC", message: bytes) -> bytes:
+        mac = keyed.copy()
+        mac.update(message)
+        return mac.digest()
 
     def sign(self, session_id: str) -> str:
         random_part, route = ids.split_route(session_id)
-        raw = hmac.digest(self._keys[0], session_id.encode("ascii"), "sha256")
+        raw = self._mac(self._macs[0], session_id.encode("ascii"))
         value = random_part + base64_encode(raw).decode("ascii")
         return value if route is None else f"{value}.{route}"
 
@@ -72,10 +81,11 @@ class CookieSigner:
             return Verdict.MALFORMED
         session_id, signature = parsed
         try:
-            raw = base64_decode(signature)
-        except Exception:
+            raw = binascii.a2b_base64((signature + "=").encode("ascii").translate(_FROM_URLSAFE), strict_mode=True)
+        except (binascii.Error, ValueError):
             return Verdict.MALFORMED
         message = session_id.encode("ascii")
-        if not any(hmac.compare_digest(hmac.digest(k, message, "sha256"), raw) for k in self._keys):
-            return Verdict.BAD_SIGNATURE
-        return session_id
+        for keyed in self._macs:
+            if hmac.compare_digest(self._mac(keyed, message), raw):
+                return session_id
+        return Verdict.BAD_SIGNATURE
