@@ -104,7 +104,7 @@ from .errors import (
     failure_response,
 )
 from .manager import CommitOutcome, SessionManager
-from .middleware import ENVIRON_KEY_POINTER, RECORD_KEY
+from .middleware import ENVIRON_KEY_POINTER, RECORD_KEY, read_cookie
 from .session import Session
 from .settings import Settings
 from .startup import log_startup_warnings, startup_warnings
@@ -188,6 +188,9 @@ class FlaskSession(SessionMixin):
 
     def __getitem__(self, key: str) -> Any:
         return self.store_session[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.store_session.get(key, default)
 
     def __setitem__(self, key: str, value: Any) -> None:
         self.store_session[key] = value
@@ -291,7 +294,7 @@ class SessionStoreInterface(SessionInterface):
         if self._ignore is not None and self._ignore(path):
             return self.make_null_session(app)
         record = RequestRecord()
-        cookie = request.cookies.get(self.settings.cookie_name) or None
+        cookie = read_cookie(environ.get("HTTP_COOKIE"), self.settings.cookie_name) or None
         session = FlaskSession(self.manager.open(cookie, record, path), record, self.manager)
         session._counter = open_counter()
         environ[self.settings.environ_key] = session.store_session
@@ -306,7 +309,7 @@ class SessionStoreInterface(SessionInterface):
         if not isinstance(session, FlaskSession):
             return
         if session.accessed:
-            response.vary.add("Cookie")
+            _vary_on_cookie(response)
         if session.store_session.loaded or session._force:  # modified = True loads it to save it
             try:
                 outcome = self._commit(session)
@@ -329,22 +332,22 @@ class SessionStoreInterface(SessionInterface):
 
     def _send_cookie(self, app: Flask, session: FlaskSession, response: Response, outcome: CommitOutcome) -> None:
         s = self.settings
+        session_id = None if outcome.cookie == "delete" else self._cookie_id(app, session, outcome)
+        if session_id is None and outcome.cookie != "delete":
+            return  # the usual read-only request: no cookie to send
         options = dict(
             domain=s.cookie_domain, path=s.cookie_path, httponly=s.cookie_httponly, samesite=s.cookie_samesite,
             secure=bool(request.is_secure if s.cookie_secure == "auto" else s.cookie_secure),
             partitioned=bool(app.config.get("SESSION_COOKIE_PARTITIONED", False)),
         )
-        if outcome.cookie == "delete":
+        if session_id is None:
             response.delete_cookie(s.cookie_name, **options)
         else:
-            session_id = self._cookie_id(app, session, outcome)
-            if session_id is None:
-                return
             expires = self.get_expiration_time(app, session)
             max_age = None if expires is None else max(0, round((expires - datetime.now(timezone.utc)).total_seconds()))
             response.set_cookie(s.cookie_name, self.manager.signer.sign(session_id),
                                 expires=expires, max_age=max_age, **options)
-        response.vary.add("Cookie")
+        _vary_on_cookie(response)
 
     def _cookie_id(self, app: Flask, session: FlaskSession, outcome: CommitOutcome) -> str | None:
         """The id to (re)send: a new one, or the stored one when Flask would refresh its cookie."""
@@ -402,6 +405,16 @@ class SessionStoreInterface(SessionInterface):
         self.manager.metrics.observe(session.record, session.store_session.loaded)
         if self.settings.debug:
             session.record.emit(self.settings.node_id, self.settings.mode)
+
+
+def _vary_on_cookie(response: Response) -> None:
+    """Add ``Cookie`` to ``Vary`` (as ``response.vary.add`` does, without parsing the header into a set)."""
+    headers = response.headers
+    vary = headers.get("Vary")
+    if not vary:
+        headers["Vary"] = "Cookie"
+    elif "cookie" not in {part.strip().lower() for part in vary.split(",")}:
+        headers["Vary"] = f"{vary}, Cookie"
 
 
 def _failure(exc: SessionStoreError) -> tuple[int, str, bytes]:

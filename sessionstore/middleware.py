@@ -99,7 +99,7 @@ class SessionMiddleware:
         record = RequestRecord()
         counter, token = open_counter()
         try:
-            cookie = _read_cookie(environ.get("HTTP_COOKIE"), self._cookie_name)
+            cookie = read_cookie(environ.get("HTTP_COOKIE"), self._cookie_name)
             session = self.manager.open(cookie, record, environ.get("PATH_INFO", ""))
             environ[self.settings.environ_key] = session
             if self.settings.environ_key != _DEFAULT_KEY:
@@ -150,7 +150,7 @@ class SessionMiddleware:
         ))
 
 
-def _read_cookie(header: str | None, name: str) -> str | None:
+def read_cookie(header: str | None, name: str) -> str | None:
     """The value of cookie ``name`` in a ``Cookie`` header (first one wins), or None."""
     if not header or name not in header:
         return None

@@ -266,6 +266,10 @@ class Session(MutableMapping[str, Any]):
         s.values[name] = value
         return value
 
+    def get(self, name: str, default: Any = None) -> Any:
+        """``session[name]``, or ``default`` if the session has no such attribute."""
+        return self[name] if name in self else default  # no KeyError raised and caught on a miss
+
     def __setitem__(self, name: str, value: Any) -> None:
         if not isinstance(name, str):
             raise TypeError(f"session attribute names are str, got {type(name).__name__}")
