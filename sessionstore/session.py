@@ -291,7 +291,13 @@ class Session(MutableMapping[str, Any]):
         if name in s.values:
             return True
         payload = s.payload
-        return payload is not None and name not in s.removed and name in payload
+        if payload is None or name in s.removed:
+            return False
+        try:
+            return name in payload
+        except CorruptPayload:  # a damaged index: the same fallback as a damaged value
+            self._manager._corrupt(self)
+            return False
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._ensure().names())

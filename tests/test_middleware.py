@@ -216,6 +216,20 @@ def test_corrupt_attribute_gives_new_session_and_keeps_record(make):
     assert store.load(key).data == data
 
 
+def test_corrupt_index_entry_read_with_get_gives_new_session_and_keeps_record(make):
+    mw, store, client = make()
+    sid = client.get("/login").json
+    key = mw.manager.key(sid)
+    at = store.load(key).data.index(b'\n"user"\x1f') + len(b'\n"user"\x1f')
+    data = store.load(key).data
+    data = data[:at] + b"x" + data[at + 1:]  # the offset is no longer a number
+    store.save(key, data, 60)
+    response = client.get("/whoami")  # session.get("user"): a membership test first
+    assert response.json["user"] is None and response.json["id"] != sid
+    assert "corrupt-payload" in debug_of(response)["causes"]
+    assert store.load(key).data == data
+
+
 # -- rotation, invalidation, listeners --------------------------------------------------------
 
 
