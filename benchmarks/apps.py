@@ -13,6 +13,9 @@ Every contender runs the *same* Flask views; only the session layer differs:
                            ``ext:memcached``, ``timeout`` = the idle timeout (its defaults otherwise:
                            ``auto=False``, ``save_accessed_time=True``)
 ``bare``                   no session layer: the views work on one plain dict (the baseline)
+``one-getex``              no session layer, but ``/read`` sends one ``GETEX`` of a ~2 KB value named by
+                           the cookie through redis-py's client: the floor of any session layer that
+                           reads its store on every request (Redis only; ``/read`` and ``/new`` only)
 ``sessionstore-wsgi``      the same views as a plain WSGI app in ``sessionstore.SessionMiddleware``
                            (not a peer contender: table 4 uses it to separate the Flask integration's cost)
 =========================  ===========================================================================
@@ -79,6 +82,7 @@ LABELS = {
     "flask-session-norefresh": "Flask-Session 0.8 (no refresh)",
     "beaker": "Beaker 1.14",
     "bare": "Flask, no session layer",
+    "one-getex": "Flask + one GETEX, no session",
     "sessionstore-wsgi": "sessionstore WSGI (no Flask)",
 }
 #: Stores each contender supports here.
@@ -89,6 +93,7 @@ STORES = {
     "flask-session-norefresh": ("redis", "memcached"),
     "beaker": ("redis", "memcached"),
     "bare": ("redis", "memcached", "memory"),
+    "one-getex": ("redis",),
     "sessionstore-wsgi": ("redis", "memcached", "memory"),
 }
 #: ``/mutate`` keeps this many entries of ``cart.items`` (so the session does not grow).
@@ -200,6 +205,8 @@ def create_app(contender: str, store: str, url: str, *, secret: str = DEFAULT_SE
         return _beaker(store, url, secret, max_inactive)
     if contender == "sessionstore-wsgi":
         return _sessionstore_wsgi(url if store != "memory" else "memory://", secret, max_inactive, extra)
+    if contender == "one-getex":
+        return _one_getex(url, max_inactive)
     if contender == "bare":
         app = _flask(None, max_inactive)
         data: dict[str, Any] = {"user": "alice", "counter": 0, "cart": {"items": []}}  # one in-memory "session"
@@ -263,6 +270,31 @@ def _sessionstore_wsgi(url: str, secret: str, max_inactive: int, extra: dict) ->
     middleware = SessionMiddleware(app, store=url, secret_key=secret, max_inactive=max_inactive, **extra)
     middleware.bench_manager = middleware.manager
     return middleware
+
+
+def _one_getex(url: str, max_inactive: int) -> Flask:
+    """One ``GETEX`` per read and nothing else: what a per-request store read costs by itself."""
+    import secrets
+
+    from redis import Redis
+
+    app = _flask(None, max_inactive)
+    client = Redis.from_url(url)
+    value = json.dumps({"user": "alice", "counter": 0, "cart": {"items": []}, **filler(2)}).encode()
+
+    @app.get("/new")
+    def new() -> tuple[str, int, dict]:
+        key = secrets.token_urlsafe(32)
+        client.set(f"one-getex:{key}", value, ex=max_inactive)
+        return "ok", 200, {"Set-Cookie": f"session={key}; HttpOnly; Path=/"}
+
+    @app.get("/read")
+    def read() -> str:
+        raw = client.getex(f"one-getex:{request.cookies.get('session', '')}", ex=max_inactive)
+        return "alice" if raw is not None else "missing"
+
+    app.bench_manager = None
+    return app
 
 
 def _flask_session(contender: str, store: str, url: str, secret: str, max_inactive: int) -> Flask:

@@ -81,9 +81,12 @@ SHORT = {
     "flask-session-norefresh": "FS no-refresh",
     "beaker": "Beaker",
     "bare": "bare Flask",
+    "one-getex": "one GETEX",
     "sessionstore-wsgi": "ss WSGI",
 }
 THROUGHPUT_TARGET = 1.5
+#: Table 3's baselines: no session layer at all, and one store read per request and nothing else.
+BASELINES = ("bare", "one-getex")
 SCALING_TARGET = 1.5
 
 
@@ -738,12 +741,12 @@ def print_throughput(res: dict[str, Throughput], seconds: float, repeat: int, wo
         if ss not in res:
             continue
         parts = []
-        for peer in PEERS + ("bare",):
+        for peer in PEERS + BASELINES:
             if peer in res:
                 parts.append(f"/{SHORT[peer]} {res[ss].rps / res[peer].rps:.2f}")
         print(f"  {LABELS[ss]:32} " + "  ".join(parts))
         cpu_parts = [f"/{SHORT[p]} {res[p].worker_cpu_us / res[ss].worker_cpu_us:.2f}"
-                     for p in PEERS + ("bare",) if p in res and res[ss].worker_cpu_us]
+                     for p in PEERS + BASELINES if p in res and res[ss].worker_cpu_us]
         print(f"  {'  (CPU-based: peer CPU / ours)':32} " + "  ".join(cpu_parts))
         for peer in ("flask-session", "flask-session-norefresh"):
             if peer not in res:
@@ -753,6 +756,13 @@ def print_throughput(res: dict[str, Throughput], seconds: float, repeat: int, wo
             (mets if ratio >= THROUGHPUT_TARGET else misses).append(line)
         if res[ss].errors or res[ss].check != "ok":
             misses.append(f"table 3 {LABELS[ss]}: {res[ss].errors} errors, read-back: {res[ss].check}")
+    if "one-getex" in res and "flask-session" in res:
+        floor = res["one-getex"].rps / res["flask-session"].rps
+        print(f"  Floor: {LABELS['one-getex']} / Flask-Session = {floor:.2f} (CPU-based "
+              f"{res['flask-session'].worker_cpu_us / res['one-getex'].worker_cpu_us:.2f}). A session layer that reads")
+        print("  its store on every request (non-sticky mode) cannot beat one GETEX with no session logic at all.")
+        if "sessionstore" in res:
+            print(f"  sessionstore non-sticky / {LABELS['one-getex']} = {res['sessionstore'].rps / res['one-getex'].rps:.2f}")
 
 
 # -- table 4: scaling and memory -----------------------------------------------------------------------
@@ -957,6 +967,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smaller counts and 3 s throughput runs (values given explicitly still win)")
     parser.add_argument("--only", default=",".join(TABLES), help=f"comma-separated subset of {','.join(TABLES)}")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS + BASELINES),
+                        help="table 3: comma-separated contenders to run (default: all, and both baselines)")
     option = _Options(parser)
     option("--requests", int, 200, 30, "table 1: counted requests per cell")
     option("--warmup", int, 2, 2, "table 1: uncounted requests of each kind first")
@@ -1003,7 +1015,7 @@ def main(argv: list[str] | None = None) -> int:
             report["timing_us"] = {f"{c}/{k}": {"wall": v[0], "cpu": v[1]} for (c, k), v in times.items()}
             sys.stdout.flush()
         if "throughput" in only:
-            contenders = CONTENDERS + ("bare",)
+            contenders = tuple(c for c in CONTENDERS + BASELINES if c in args.contenders.split(","))
             tp = measure_throughput(servers, contenders, args.duration, args.wrk_warmup, args.repeat, args.workers,
                                     args.worker_class, args.wrk_threads, args.connections, args.sessions)
             print_throughput(tp, args.duration, args.repeat, args.workers, args.worker_class, args.wrk_threads,
