@@ -13,12 +13,15 @@ Sentinel connections still discover the master), one per concurrently busy
 thread. Any failure other than an error reply discards the connection and
 answers :data:`MISS`; the caller then repeats the command through the
 client, which reconnects and retries as configured. Only reads are sent
-here, so a repeat after a timeout is harmless.
+here, so a repeat after a timeout is harmless. It opens at most as many
+connections as the client's pool may (``max_connections``); past that, reads
+go through the client.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from typing import Any
 
@@ -40,6 +43,9 @@ class DirectReads:
         pool = client.connection_pool
         self._new = lambda: pool.connection_class(**pool.connection_kwargs)
         self._idle: list[Any] = []
+        self._limit = pool.max_connections  # as many as the client's pool may open, at most
+        self._open = 0
+        self._count_lock = threading.Lock()
         _instances.add(self)
 
     def call(self, *args: Any) -> Any:
@@ -50,32 +56,51 @@ class DirectReads:
         try:
             conn = self._idle.pop()
         except IndexError:
-            conn = None
-        try:
+            conn = self._opened()
             if conn is None:
-                conn = self._new()
-                conn.connect()  # a Sentinel connection asks where the master is here, not on send
+                return MISS
+        try:
             conn.send_command(*args)
             reply = conn.read_response()
         except ResponseError:
             self._idle.append(conn)
             raise
         except Exception:  # connection refused/reset, timeout, protocol: let the client handle it
-            if conn is not None:
-                conn.disconnect()
+            self._discard(conn)
             return MISS
         self._idle.append(conn)
         return reply
+
+    def _opened(self) -> Any:
+        """A new connected connection, or None (at the limit, or it failed to connect)."""
+        with self._count_lock:
+            if self._open >= self._limit:
+                return None
+            self._open += 1
+        conn = self._new()
+        try:
+            conn.connect()  # a Sentinel connection asks where the master is here, not on send
+        except Exception:
+            self._discard(conn)
+            return None
+        return conn
+
+    def _discard(self, conn: Any) -> None:
+        conn.disconnect()
+        with self._count_lock:
+            self._open -= 1
 
     def close(self) -> None:
         """Disconnect every idle connection (new ones are made on the next call)."""
         idle, self._idle = self._idle, []
         for conn in idle:
-            conn.disconnect()
+            self._discard(conn)
 
     def _forget(self) -> None:
         # In a forked child: the sockets belong to the parent. Drop them unclosed.
         self._idle = []
+        self._open = 0
+        self._count_lock = threading.Lock()
 
 
 def _after_fork() -> None:

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from sessionstore.errors import StoreError
+from sessionstore.errors import StoreError, StoreUnavailable
 from sessionstore.stores.base import close_counter, open_counter
 from sessionstore.stores.redis import RedisStore
 from tests.servers.redis_fixtures import redis_client
@@ -119,3 +119,29 @@ def test_a_forked_child_reads_on_a_connection_of_its_own(store):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert wrong == 0
+
+
+def test_max_connections_bounds_the_direct_connections_too(redis_server):
+    url = redis_server.url.rsplit("/", 1)[0] + "/7?max_connections=1"  # db 7: only this store's connections
+    store = RedisStore.from_url(url)
+    key = _key()
+    store.save(key, b"x", 60)
+    outcomes: list[str] = []
+
+    def reader() -> None:
+        for _ in range(100):
+            try:
+                outcomes.append("ok" if store.load(key).data == b"x" else "wrong")
+            except StoreUnavailable:  # both bounds reached: fail fast, as the client's pool does
+                outcomes.append("unavailable")
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with redis_client(redis_server.port) as client:
+        ours = [c for c in client.client_list() if int(c["db"]) == 7]
+    store.close()
+    assert "wrong" not in outcomes and outcomes.count("ok") >= 100
+    assert 1 <= len(ours) <= 2  # one direct connection, one in the client's pool
