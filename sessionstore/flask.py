@@ -332,15 +332,16 @@ class SessionStoreInterface(SessionInterface):
 
     def _send_cookie(self, app: Flask, session: FlaskSession, response: Response, outcome: CommitOutcome) -> None:
         s = self.settings
-        session_id = None if outcome.cookie == "delete" else self._cookie_id(app, session, outcome)
-        if session_id is None and outcome.cookie != "delete":
+        deleting = outcome.cookie == "delete"
+        session_id = None if deleting else self._cookie_id(app, session, outcome)
+        if session_id is None and not deleting:
             return  # the usual read-only request: no cookie to send
         options = dict(
             domain=s.cookie_domain, path=s.cookie_path, httponly=s.cookie_httponly, samesite=s.cookie_samesite,
             secure=bool(request.is_secure if s.cookie_secure == "auto" else s.cookie_secure),
             partitioned=bool(app.config.get("SESSION_COOKIE_PARTITIONED", False)),
         )
-        if session_id is None:
+        if deleting:
             response.delete_cookie(s.cookie_name, **options)
         else:
             expires = self.get_expiration_time(app, session)
