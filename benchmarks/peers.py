@@ -25,7 +25,10 @@ Tables
  3. Requests/s of gunicorn (``--workers`` processes) serving each contender on Redis,
     driven by ``wrk`` on loopback with read-only requests carrying session cookies
     (a Lua script cycles through sessions created before the run). Target:
-    sessionstore / Flask-Session >= 1.5.
+    sessionstore / Flask-Session (its defaults) >= 1.5; the other ratios are
+    printed, not judged. Two baselines run in the same rounds: bare Flask, and
+    Flask + one ``GETEX`` per request (the floor of any layer that reads its
+    store on every request, as non-sticky mode does).
  4. Scaling and memory: read-only request on a 2 KB vs a 200 KB session (target
     <= 1.5 in-process on the memory store); sticky local cache bytes per session
     vs the serialized size (store accounting, tracemalloc, RSS); Redis ``MEMORY
@@ -748,11 +751,10 @@ def print_throughput(res: dict[str, Throughput], seconds: float, repeat: int, wo
         cpu_parts = [f"/{SHORT[p]} {res[p].worker_cpu_us / res[ss].worker_cpu_us:.2f}"
                      for p in PEERS + BASELINES if p in res and res[ss].worker_cpu_us]
         print(f"  {'  (CPU-based: peer CPU / ours)':32} " + "  ".join(cpu_parts))
-        for peer in ("flask-session", "flask-session-norefresh"):
-            if peer not in res:
-                continue
-            ratio = res[ss].rps / res[peer].rps
-            line = f"table 3 {LABELS[ss]} / {LABELS[peer]} requests/s = {ratio:.2f} (target >= {THROUGHPUT_TARGET:g})"
+        if "flask-session" in res:  # the target is against Flask-Session as it ships (its defaults)
+            ratio = res[ss].rps / res["flask-session"].rps
+            line = (f"table 3 {LABELS[ss]} / {LABELS['flask-session']} requests/s = {ratio:.2f} "
+                    f"(target >= {THROUGHPUT_TARGET:g})")
             (mets if ratio >= THROUGHPUT_TARGET else misses).append(line)
         if res[ss].errors or res[ss].check != "ok":
             misses.append(f"table 3 {LABELS[ss]}: {res[ss].errors} errors, read-back: {res[ss].check}")
