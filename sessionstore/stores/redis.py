@@ -27,11 +27,14 @@ Every method is one round trip and one command, counted once with
 A value and its expiry are always written by the same command (``SET … PX``,
 or ``SET`` without ``PX`` for ``ttl=None``), so no key ever exists without
 its TTL. Scripts are sent with ``EVALSHA``; on ``NOSCRIPT`` (a fresh server,
-a failover) redis-py loads the script once (three commands, still counted
-as one) and uses ``EVALSHA`` afterwards.
+a failover) the script is loaded once (three commands, still counted as
+one) and ``EVALSHA`` is used afterwards. Reads and scripts go out on direct
+connections off Cluster (:mod:`.redis_direct`), everything else through the
+redis-py client.
 
-redis-py retries a command after a connection error or timeout, so a call
-may reach the server twice. Saving and locking are idempotent for that: a
+redis-py retries a command after a connection error or timeout, and a
+direct command that fails is repeated through the client, so a call may
+reach the server twice. Saving and locking are idempotent for that: a
 save whose stored version already is its own new version succeeds, and a
 token that already holds the lock gets it.
 
@@ -99,6 +102,7 @@ from redis.commands.core import Script
 from redis.exceptions import (
     ClusterError,
     ConnectionError,
+    NoScriptError,
     RedisClusterException,
     RedisError,
     ReadOnlyError,
@@ -111,7 +115,7 @@ from redis.sentinel import Sentinel
 
 from ..errors import ConfigError, CorruptPayload, StoreError, StoreUnavailable
 from .base import ANY, INDEX_SUFFIX, NO_LOAD, Record, SaveResult, companion_key, count_ops
-from .redis_direct import MISS, DirectReads
+from .redis_direct import MISS, DirectCommands
 
 __all__ = ["RedisStore"]
 
@@ -321,7 +325,7 @@ class RedisStore:
             (lambda: client) if isinstance(client, (Redis, RedisCluster)) else client
         )
         self._client: Client | None = None
-        self._reads: DirectReads | None = None  # standalone and Sentinel: see redis_direct
+        self._direct: DirectCommands | None = None  # standalone and Sentinel: see redis_direct
         self._lock = threading.Lock()
 
     @classmethod
@@ -365,7 +369,7 @@ class RedisStore:
                 if self._client is None:
                     self._client = self._built()
                     if not isinstance(self._client, RedisCluster):
-                        self._reads = DirectReads(self._client)
+                        self._direct = DirectCommands(self._client)
                 client = self._client
         return client
 
@@ -383,21 +387,42 @@ class RedisStore:
 
     def _read(self, *args: Any) -> Any:
         """Send one read command, directly when possible (:mod:`.redis_direct`), else as ``_command``."""
-        reads = self._reads
-        if reads is None:
+        direct = self._direct
+        if direct is None:
             return self._command(*args)
         count_ops()
         with _translated():
-            reply = reads.call(*args)
+            reply = direct.call(*args)
             if reply is MISS:
                 return self._redis().execute_command(*args)
         return reply
 
     def _script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
-        """Run ``script`` with EVALSHA (one command); its raw reply."""
+        """Run ``script`` with EVALSHA (one command); its raw reply.
+
+        Directly when possible (:mod:`.redis_direct`), else through the
+        client. A server that does not know the script yet gets it loaded once
+        (three commands, counted as one).
+        """
         count_ops()
         with _translated():
+            direct = self._direct
+            if direct is not None:
+                reply = self._direct_script(direct, script, [*keys, *args], len(keys))
+                if reply is not MISS:
+                    return reply
             return script(keys, args, client=self._redis())
+
+    def _direct_script(self, direct: DirectCommands, script: Script, keys_and_args: list[Any], nkeys: int) -> Any:
+        command = ("EVALSHA", script.sha, nkeys, *keys_and_args)
+        try:
+            return direct.call(*command)
+        except NoScriptError:  # a fresh server, or a failover: load it once (as redis-py would), run it again
+            self._redis().script_load(script.script)
+        try:
+            return direct.call(*command)
+        except NoScriptError:
+            return MISS
 
     def _save(self, keys: list[str], data: bytes, ttl: int | None, expect: Any, *extra: Any) -> SaveResult:
         version = _new_version()
@@ -448,9 +473,9 @@ class RedisStore:
         """Close the client's connections (and Sentinel's). The store reconnects if used again."""
         with self._lock:
             client, self._client = self._client, None
-            reads, self._reads = self._reads, None
-        if reads is not None:
-            reads.close()
+            direct, self._direct = self._direct, None
+        if direct is not None:
+            direct.close()
         if client is not None:
             _close(client)
 

@@ -1,21 +1,23 @@
-"""Direct connections for the one read command of a request.
+"""Direct connections for the store's hot commands.
 
 redis-py's ``Redis.execute_command`` spends ~30 µs of CPU per call around
 the round trip itself: the pool's lock, a non-blocking read that checks the
 connection before each use, the retry and observability wrappers. On a
 read-only request that is as much as the rest of sessionstore's work, so
-the store sends its two read commands (``GET``, ``GETEX``) through
-:class:`DirectReads` instead.
+the store sends its reads (``GET``, ``GETEX``) and its scripts (``EVALSHA``)
+through :class:`DirectCommands` instead.
 
-:class:`DirectReads` keeps a LIFO of idle connections built from the
+:class:`DirectCommands` keeps a LIFO of idle connections built from the
 client's own pool settings (host, auth, TLS, timeouts, database, protocol;
 Sentinel connections still discover the master), one per concurrently busy
 thread. Any failure other than an error reply discards the connection and
 answers :data:`MISS`; the caller then repeats the command through the
-client, which reconnects and retries as configured. Only reads are sent
-here, so a repeat after a timeout is harmless. It opens at most as many
-connections as the client's pool may (``max_connections``); past that, reads
-go through the client.
+client, which reconnects and retries as configured. Only commands that are
+safe to repeat are sent here: reads, and the store's scripts, which are
+written so that a repeated call finds its own first effect (redis-py's own
+retries already rely on that). It opens at most as many connections as the
+client's pool may (``max_connections``); past that, commands go through the
+client.
 """
 
 from __future__ import annotations
@@ -28,16 +30,16 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import ResponseError
 
-__all__ = ["DirectReads", "MISS"]
+__all__ = ["DirectCommands", "MISS"]
 
-#: The answer of :meth:`DirectReads.call` when the caller must use the client.
+#: The answer of :meth:`DirectCommands.call` when the caller must use the client.
 MISS = object()
 
-_instances: "weakref.WeakSet[DirectReads]" = weakref.WeakSet()
+_instances: "weakref.WeakSet[DirectCommands]" = weakref.WeakSet()
 
 
-class DirectReads:
-    """Idle connections of ``client``'s pool settings, for single read commands."""
+class DirectCommands:
+    """Idle connections of ``client``'s pool settings, for single commands safe to repeat."""
 
     def __init__(self, client: Redis) -> None:
         pool = client.connection_pool

@@ -1,8 +1,9 @@
 """The Redis store's direct read connections (``stores/redis_direct.py``), against a real server.
 
-Reads (``GET``, ``GETEX``) bypass redis-py's ``execute_command``; these tests
-check what that must not break: a restart of the server, an error reply,
-a forked worker process, ``close()``, and parallel threads.
+Reads (``GET``, ``GETEX``) and scripts (``EVALSHA``) bypass redis-py's
+``execute_command``; these tests check what that must not break: a restart
+of the server, an error reply, a forgotten script, a forked worker process,
+``close()``, parallel threads and ``max_connections``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 from sessionstore.errors import StoreError, StoreUnavailable
 from sessionstore.stores.base import close_counter, open_counter
 from sessionstore.stores.redis import RedisStore
-from tests.servers.redis_fixtures import redis_client
+from tests.servers.redis_fixtures import redis_client, redis_commands
 
 
 def _key() -> str:
@@ -145,3 +146,29 @@ def test_max_connections_bounds_the_direct_connections_too(redis_server):
     store.close()
     assert "wrong" not in outcomes and outcomes.count("ok") >= 100
     assert 1 <= len(ours) <= 2  # one direct connection, one in the client's pool
+
+
+def test_scripts_go_direct_and_are_loaded_once_after_the_server_forgets_them(store, redis_server):
+    key = _key()
+    store.save(key, b"a", 60)
+    assert store.load(key).data == b"a"  # direct connections exist from here on
+    with redis_client(redis_server.port) as client:
+        client.script_flush()
+    redis_commands(redis_server.port)
+    assert store.save(key, b"b", 60).ok
+    assert redis_commands(redis_server.port) == ["evalsha", "script", "evalsha"]
+    version = store.load(key).version
+    redis_commands(redis_server.port)
+    assert store.save(key, b"c", 60, expect=version).ok
+    assert redis_commands(redis_server.port) == ["evalsha"]
+
+
+def test_a_save_after_the_server_restarted_goes_through(store, redis_server):
+    key = _key()
+    store.save(key, b"before", 60)
+    store.save(key, b"again", 60)  # the direct connection now exists
+    redis_server.stop()
+    redis_server.start()  # an empty server: no key, no script
+    result = store.save(key, b"after", 60, expect=None)
+    assert result.ok
+    assert store.load(key).data == b"after"
