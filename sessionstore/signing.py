@@ -53,10 +53,9 @@ class CookieSigner:
     def __init__(self, secret_keys: list[str]) -> None:
         if not secret_keys:  # the start-up checks warn about this
             secret_keys = [secrets.token_urlsafe(32)]
-        # itsdangerous derives a key per secret on every call; derive them once and
-        # compute its HMAC-SHA256 with the one-shot C function (the signatures are
-        # itsdangerous' own, byte for byte).
-        # Each key's HMAC state is built once and copied per message.
+        # itsdangerous derives a key per secret on every call; derive them once, build
+        # each key's HMAC-SHA256 state once and copy it per message (the signatures
+        # are itsdangerous' own, byte for byte).
         signer = Signer(secret_keys, salt="sessionstore.cookie", digest_method=hashlib.sha256)
         self._macs = [hmac.new(signer.derive_key(key), digestmod=hashlib.sha256) for key in secret_keys]
 

@@ -10,9 +10,10 @@ through :class:`DirectCommands` instead.
 :class:`DirectCommands` keeps a LIFO of idle connections built from the
 client's own pool settings (host, auth, TLS, timeouts, database, protocol;
 Sentinel connections still discover the master), one per concurrently busy
-thread. Any failure other than an error reply discards the connection and
-answers :data:`MISS`; the caller then repeats the command through the
-client, which reconnects and retries as configured. Only commands that are
+thread. Any failure other than an error reply discards the connections and
+answers :data:`MISS` (for :data:`PAUSE` seconds); the caller then repeats
+the command through the client, which reconnects and retries as configured:
+a failing call makes one more attempt than the client alone would. Only commands that are
 safe to repeat are sent here: reads, and the store's scripts, which are
 written so that a repeated call finds its own first effect (redis-py's own
 retries already rely on that). It opens at most as many connections as the
@@ -24,16 +25,21 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import weakref
 from typing import Any
 
 from redis import Redis
+from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
+from redis.retry import Retry
 
 __all__ = ["DirectCommands", "MISS"]
 
 #: The answer of :meth:`DirectCommands.call` when the caller must use the client.
 MISS = object()
+#: Seconds during which commands go through the client after a direct one failed.
+PAUSE = 1.0
 
 _instances: "weakref.WeakSet[DirectCommands]" = weakref.WeakSet()
 
@@ -43,8 +49,11 @@ class DirectCommands:
 
     def __init__(self, client: Redis) -> None:
         pool = client.connection_pool
-        self._new = lambda: pool.connection_class(**pool.connection_kwargs)
+        # One connection attempt: the client's own retries follow if it fails.
+        kwargs = {**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
+        self._new = lambda: pool.connection_class(**kwargs)
         self._idle: list[Any] = []
+        self._resume_at = 0.0  # after a failure, commands go through the client until then
         self._limit = pool.max_connections  # as many as the client's pool may open, at most
         self._open = 0
         self._count_lock = threading.Lock()
@@ -55,6 +64,8 @@ class DirectCommands:
 
         An error reply (``WRONGTYPE`` …) is raised as redis-py raises it.
         """
+        if self._resume_at and not self._resumed():
+            return MISS
         try:
             conn = self._idle.pop()
         except IndexError:
@@ -69,9 +80,26 @@ class DirectCommands:
             raise
         except Exception:  # connection refused/reset, timeout, protocol: let the client handle it
             self._discard(conn)
+            self._pause()
             return MISS
         self._idle.append(conn)
         return reply
+
+    def _pause(self) -> None:
+        """After a failure: drop the idle connections (likely dead too) and step aside for a while.
+
+        During an outage every command then goes through the client alone, so a
+        failing call pays the client's attempts and timeouts, plus at most one
+        direct attempt per :data:`PAUSE` seconds.
+        """
+        self._resume_at = time.monotonic() + PAUSE
+        self.close()
+
+    def _resumed(self) -> bool:
+        if time.monotonic() < self._resume_at:
+            return False
+        self._resume_at = 0.0
+        return True
 
     def _opened(self) -> Any:
         """A new connected connection, or None (at the limit, or it failed to connect)."""
@@ -84,6 +112,7 @@ class DirectCommands:
             conn.connect()  # a Sentinel connection asks where the master is here, not on send
         except Exception:
             self._discard(conn)
+            self._pause()
             return None
         return conn
 
@@ -106,8 +135,8 @@ class DirectCommands:
 
 
 def _after_fork() -> None:
-    for reads in list(_instances):
-        reads._forget()
+    for direct in list(_instances):
+        direct._forget()
 
 
 os.register_at_fork(after_in_child=_after_fork)

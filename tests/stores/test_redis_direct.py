@@ -9,7 +9,9 @@ of the server, an error reply, a forgotten script, a forked worker process,
 from __future__ import annotations
 
 import os
+import signal
 import threading
+import time
 import uuid
 
 import pytest
@@ -17,7 +19,8 @@ import pytest
 from sessionstore.errors import StoreError, StoreUnavailable
 from sessionstore.stores.base import close_counter, open_counter
 from sessionstore.stores.redis import RedisStore
-from tests.servers.redis_fixtures import redis_client, redis_commands
+from sessionstore.stores.redis_direct import PAUSE
+from tests.servers.redis_fixtures import redis_client, redis_commands, start_redis
 
 
 def _key() -> str:
@@ -172,3 +175,32 @@ def test_a_save_after_the_server_restarted_goes_through(store, redis_server):
     result = store.save(key, b"after", 60, expect=None)
     assert result.ok
     assert store.load(key).data == b"after"
+
+
+def test_a_frozen_server_costs_one_direct_timeout_then_the_client_alone(tmp_path):
+    """SIGSTOP: the first read pays the direct attempt's timeout plus the client's; reads in
+    the next PAUSE seconds pay the client's alone; after SIGCONT reads work again."""
+    server = start_redis(tmp_path)
+    store = RedisStore.from_url(f"redis://127.0.0.1:{server.port}/0?socket_timeout=0.3&retries=0")
+    key = _key()
+    try:
+        store.save(key, b"x", 60)
+        assert store.load(key).data == b"x"
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            timings = []
+            for _ in range(3):
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable):
+                    store.load(key)
+                timings.append(time.monotonic() - started)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert 0.5 < timings[0] < 0.9, timings  # direct 0.3 s, then the client's one attempt 0.3 s
+        assert all(0.2 < t < 0.5 for t in timings[1:]), timings  # the client's attempt only
+        assert store.load(key).data == b"x"
+        time.sleep(PAUSE)
+        assert store.load(key).data == b"x"
+    finally:
+        store.close()
+        server.stop()
