@@ -47,6 +47,7 @@ from .stores import open_store
 from .locking import LockPolicy, LockRenewer
 from .metrics import Metrics, TimedStore
 from .stores.base import LockingStore, Record, Store
+from .timeouts import IdleTimeouts
 from .tombstones import Tombstones
 from .index import SessionIndex, entry_ttl
 from .invalidation import InvalidationFeed, feed_kind
@@ -100,6 +101,7 @@ class SessionManager:
         self._live_lock = threading.Lock()
         self._load_locks = [threading.Lock() for _ in range(64)] if settings.sticky else []
         self.tombstones = Tombstones(self.store, self.clock)
+        self._timeouts = IdleTimeouts(settings.max_inactive)
         #: Tombstones of destroyed sessions, written straight to the shared store.
         self._final_tombstones = Tombstones(self._shared, self.clock)
         self.index = SessionIndex(self._shared, self._prefix)
@@ -336,14 +338,16 @@ class SessionManager:
     def _load_id(self, session: Session, session_id: str) -> None:
         """Load ``session_id`` (sliding its expiry) into ``session``."""
         key = self.key(session_id)
-        stored, source = self._fetch(session, key, self._default_ttl())
+        expected = self._timeouts.get(key)  # the session's own idle timeout, if seen here before
+        stored, source = self._fetch(session, key, self._idle_ttl(expected))
         if stored is None:
             self._missing(session, key)
             return
         if self._adopt(session, session_id, stored):
             meta = session._s.meta
-            if meta.max_inactive != self.settings.max_inactive:  # type: ignore[union-attr]
+            if meta.max_inactive != expected:  # type: ignore[union-attr]  # slid by the wrong one
                 self.store.touch(key, self._ttl(meta))  # type: ignore[arg-type]
+            self._timeouts.seen(key, meta.max_inactive)  # type: ignore[union-attr]
             session._record.source = source
 
     def _adopt(self, session: Session, session_id: str, stored: Record) -> bool:
@@ -487,7 +491,10 @@ class SessionManager:
         return max_age is not None and self.clock() - meta.created >= max_age
 
     def _default_ttl(self) -> int | None:
-        max_inactive = self.settings.max_inactive
+        return self._idle_ttl(self.settings.max_inactive)
+
+    def _idle_ttl(self, max_inactive: int) -> int | None:
+        """Store TTL for an idle timeout of ``max_inactive`` (max_age when it never idles out)."""
         if max_inactive > 0:
             return max_inactive
         return self.settings.max_age  # None: never expires
@@ -700,6 +707,7 @@ class SessionManager:
                tombstone: float | None) -> None:
         session._s.saved(decode(plain), version)
         session._record.saved = True
+        self._timeouts.seen(key, session._s.meta.max_inactive)  # type: ignore[union-attr]
         if tombstone is not None:
             self.tombstones.alive(key, ttl, tombstone)
 

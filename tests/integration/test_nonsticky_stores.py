@@ -27,6 +27,7 @@ HANDLERS = {
     "/read": lambda s, e: {"items": len(s["cart"]["items"]), "n": s["n"]},
     "/inc": lambda s, e: s.__setitem__("n", s["n"] + 1),
     "/peek": lambda s, e: s.get("user"),  # loads (a new session when there is no cookie)
+    "/remember": lambda s, e: setattr(s, "max_inactive", 7200),  # its own idle timeout ("remember me")
     "/nothing": lambda s, e: "never touches the session",
     "/static/logo": lambda s, e: "ignored path",
 }
@@ -111,6 +112,30 @@ def test_costs_and_in_place_changes_on_real_stores(any_store: RealStore, debug_l
     assert json.loads(mw.manager.store.load(companion_key(key, "t")).data)["w"] == round(clock(), 3)
     assert client.get("/read").json == {"items": 7, "n": 0}
     mw.manager.close()
+
+
+def test_a_session_with_its_own_idle_timeout_reads_in_one_command(any_store: RealStore, debug_log: DebugLog):
+    """A per-session ``max_inactive`` (Django's set_expiry, "remember me") is slid by a read in its one
+    command once the node has seen it; a node seeing it for the first time pays one more, once."""
+    node_a, node_b = middleware(any_store.url), middleware(any_store.url)
+    client = logged_in(node_a)
+    assert client.get("/remember").status_code == 200  # saved on node A with max_inactive 7200
+
+    def read_cost(on: ServerClient) -> int:
+        before = any_store.commands()
+        assert on.get("/read").json == {"items": 0, "n": 0}
+        return any_store.commands() - before
+
+    assert read_cost(client) == 1
+    elsewhere = ServerClient(node_b)
+    elsewhere.set_cookie("session", client.get_cookie("session").value)
+    touch = 2 if any_store.kind == "memcached" else 1  # memcached touches both copies
+    assert [read_cost(elsewhere) for _ in range(3)] == [1 + touch, 1, 1]  # slid by the default, then fixed
+    if any_store.kind == "redis":
+        with redis_client(any_store.ports[0]) as redis:
+            assert 7100 < redis.ttl(session_key(node_a, client)) <= 7200
+    node_a.manager.close()
+    node_b.manager.close()
 
 
 # -- 2. Redis stopped, then back --------------------------------------------------------------
