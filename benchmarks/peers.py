@@ -390,6 +390,10 @@ def print_commands(res: CommandResult, misses: list[str], mets: list[str]) -> No
                 else:
                     ties = [SHORT[p] for p in PEERS if _verdict(mine, res.counts[store, p, kind].per_request) == "tie-at-0"]
                     mets.append(line + (f" (0 commands; ties at the floor with {', '.join(ties)})" if ties else ""))
+    print("  Non-sticky mode reads the store on every request that touches the session: its floor is one")
+    print("  command per read (the load, which also slides the expiry) and two per write (load, conditional")
+    print("  write), plus the backup copy on memcached. Only a local copy (sticky mode) goes below a peer that")
+    print("  sends the same one or two.")
 
 
 # -- table 2: microseconds per request, in-process --------------------------------------------------------
