@@ -239,18 +239,6 @@ def test_memcached_node_killed_mid_run_relocates_each_session_once(memcached_fau
 # -- 4. Sentinel failover ---------------------------------------------------------------------------
 
 
-def _restore_sentinel(topology, old: int) -> None:
-    """Bring the killed node back as a replica of the new master, and wait for a healthy set."""
-    dead = topology.nodes.pop(old)
-    master = topology.master_port()
-    if master == old:
-        dead.start()
-        topology.nodes[old] = dead
-    else:
-        topology.start_replica(master, port=old)
-    topology.wait_healthy(30)
-
-
 def test_sentinel_failover_keeps_sessions_saved_through_the_middleware(redis_sentinel, debug_log: DebugLog):
     """Sessions saved before the master's ``kill -9`` are read after the failover; the first
     request after the kill rides the failover out on the store's retries (no 503)."""
@@ -274,4 +262,4 @@ def test_sentinel_failover_keeps_sessions_saved_through_the_middleware(redis_sen
         print(f"first request after the kill took {ridden_out:.2f}s")
     finally:
         mw.manager.close()
-        _restore_sentinel(redis_sentinel, old)
+        redis_sentinel.restore(old)

@@ -252,6 +252,18 @@ class RedisSentinelSet:
         wait_until(linked, 10, f"replica {node.port} to sync")
         return node
 
+    def restore(self, old_port: int, timeout: float = 30) -> None:
+        """Bring the killed node ``old_port`` back (a replica of the new master, or the master
+        again if no failover happened), and wait for a healthy set."""
+        dead = self.nodes.pop(old_port)
+        master = self.master_port()
+        if master == old_port:
+            dead.start()
+            self.nodes[old_port] = dead
+        else:
+            self.start_replica(master, port=old_port)
+        self.wait_healthy(timeout)
+
     def stop(self) -> None:
         for process in [*self.sentinels, *self.nodes.values()]:
             process.stop()

@@ -366,7 +366,7 @@ def test_sentinel_failover_keeps_every_saved_session(redis_sentinel):
         with redis_client(new) as client:
             assert client.get(probe) == result.version.encode() + b"after failover"
     finally:
-        _restore_sentinel(redis_sentinel, old)
+        redis_sentinel.restore(old)
         store.close()
 
 
@@ -386,17 +386,6 @@ def _wait_failover_while_serving(topology, store: RedisStore, key: str, old: int
     waiter.join()
     assert done, "the sentinels did not fail over"
     return done[0]
-
-
-def _restore_sentinel(topology, old: int) -> None:
-    """Bring the killed node back: as a replica of the new master, or as the master."""
-    dead = topology.nodes.pop(old)
-    master = topology.master_port()
-    if master == old:
-        dead.start()
-        topology.nodes[old] = dead
-    else:
-        topology.start_replica(master, port=old)
 
 
 # -- cluster ------------------------------------------------------------------------
