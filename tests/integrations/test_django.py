@@ -40,7 +40,7 @@ from django.utils import timezone  # noqa: E402
 from sessionstore import ids  # noqa: E402
 from sessionstore.django import SessionStore, get_manager, settings_from_django  # noqa: E402
 from tests.servers.process import free_port  # noqa: E402
-from tests.servers.redis_fixtures import redis_client, redis_commands  # noqa: E402
+from tests.servers.redis_fixtures import redis_commands, key_exists as exists, key_ttl as ttl  # noqa: E402
 
 COOKIE = "sessionid"
 
@@ -159,16 +159,6 @@ def stored_key(cookie_value: str) -> str:
     session_id = manager.signer.unsign(cookie_value)
     assert isinstance(session_id, str)
     return manager.key(session_id)
-
-
-def exists(redis_server, key: str) -> bool:
-    with redis_client(redis_server.port) as client:
-        return bool(client.exists(key))
-
-
-def ttl(redis_server, key: str) -> int:
-    with redis_client(redis_server.port) as client:
-        return client.ttl(key)
 
 
 # -- set / get, cookie -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from flask import Flask, jsonify, session
 from sessionstore import ConfigError, ids
 from sessionstore.flask import FlaskSession, SessionStore, settings_for
 from tests.servers.process import free_port
-from tests.servers.redis_fixtures import redis_client, redis_commands
+from tests.servers.redis_fixtures import redis_commands, key_exists as exists, key_ttl as ttl
 
 SECRET = "flask-integration-secret"
 
@@ -152,16 +152,6 @@ def stored_key(app, cookie_value: str) -> str:
     session_id = manager.signer.unsign(cookie_value)
     assert isinstance(session_id, str)
     return manager.key(session_id)
-
-
-def exists(redis_server, key: str) -> bool:
-    with redis_client(redis_server.port) as client:
-        return bool(client.exists(key))
-
-
-def ttl(redis_server, key: str) -> int:
-    with redis_client(redis_server.port) as client:
-        return client.ttl(key)
 
 
 # -- set / get, cookie -----------------------------------------------------------------------

@@ -97,6 +97,18 @@ def start_redis(workdir: Path, *extra: str, port: int | None = None) -> ServerPr
     return ServerProcess(argv, port, workdir).start()
 
 
+def key_exists(server, key: str) -> bool:
+    """Whether ``server`` (anything with a ``port``) holds ``key``."""
+    with redis_client(server.port) as client:
+        return bool(client.exists(key))
+
+
+def key_ttl(server, key: str) -> int:
+    """``TTL`` of ``key`` on ``server`` in seconds (-1 none, -2 missing)."""
+    with redis_client(server.port) as client:
+        return client.ttl(key)
+
+
 # -- command counting ----------------------------------------------------------
 
 _count_lock = threading.Lock()
