@@ -13,6 +13,13 @@ pending operation is dropped with an error in the log. ``flush()`` (called
 by ``manager.close()`` and at interpreter exit) waits until the queue is
 empty.
 
+With a ``ledger`` (sticky mode's node copy, shared by the node's worker
+processes), a session write does not send the bytes it was handed but the
+node copy's current ones, under the session's lease, and only if the
+backup does not hold that version or a newer one yet: several workers
+writing backups of one session can never make it go back to an older copy,
+however their queues are ordered.
+
 Index entries of a session (``index`` / ``unindex``) travel through the same
 queue, under the key ``<session key>:ix``, so in async mode they land after
 the session write queued before them.
@@ -41,6 +48,9 @@ __all__ = ["BackupWriter"]
 
 _log = logging.getLogger("sessionstore")
 
+#: Seconds a backup write waits for another worker writing the same session's backup.
+_LEASE_WAIT = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class _Op:
@@ -48,6 +58,7 @@ class _Op:
     data: bytes | None = None
     ttl: int | None = None
     names: tuple[str, ...] = ()  # "index": the index keys to record
+    version: Any = None  # "save": the node-copy version of ``data`` (with a ledger)
 
 
 class BackupWriter:
@@ -55,10 +66,12 @@ class BackupWriter:
 
     def __init__(self, store: Store, *, asynchronous: bool, max_pending: int = 100_000,
                  max_backoff: float = 5.0, index_store: Any = None,
-                 gate: Callable[[str], bool] | None = None) -> None:
+                 gate: Callable[[str], bool] | None = None, ledger: Any = None) -> None:
         """``index_store``: where ``index``/``unindex`` go (default ``store``); ``gate(key)``:
-        False when ``key`` (or the session it belongs to) must not be written any more."""
+        False when ``key`` (or the session it belongs to) must not be written any more;
+        ``ledger``: the node copy's record of backups (see the module docstring)."""
         self.store = store
+        self.ledger = ledger
         self.index_store = store if index_store is None else index_store
         self._gate = gate
         self.asynchronous = asynchronous
@@ -76,8 +89,8 @@ class BackupWriter:
 
     # -- operations ------------------------------------------------------------------
 
-    def save(self, key: str, data: bytes, ttl: int | None) -> bool:
-        return self._submit(key, _Op("save", data, ttl))
+    def save(self, key: str, data: bytes, ttl: int | None, version: Any = None) -> bool:
+        return self._submit(key, _Op("save", data, ttl, version=version))
 
     def touch(self, key: str, ttl: int | None, data: bytes) -> bool:
         """Slide the backup's expiry; if the store lost it (its node died), write ``data`` again."""
@@ -130,7 +143,7 @@ class BackupWriter:
         with self._cond:
             pending = self._pending.get(key)
             if op.kind == "touch" and pending is not None and pending.kind == "save":
-                op = _Op("save", op.data, op.ttl)  # a pending save: the touch's data is as new
+                op = _Op("save", op.data, op.ttl, version=pending.version)  # the touch's data is as new
             elif op.kind == "index" and pending is not None and pending.kind == "index":
                 ttl = None if op.ttl is None or pending.ttl is None else max(op.ttl, pending.ttl)
                 op = _Op("index", ttl=ttl, names=tuple(dict.fromkeys(pending.names + op.names)))
@@ -211,10 +224,28 @@ class BackupWriter:
             return _apply(self.store, self.index_store, key, op)
         if not gate(key):
             return None
-        result = _apply(self.store, self.index_store, key, op)
+        if self.ledger is not None and op.kind in ("save", "touch") and not is_companion(key):
+            result = self._apply_current(key, op)
+        else:
+            result = _apply(self.store, self.index_store, key, op)
         if op.kind in ("save", "touch") and not is_companion(key) and not gate(key):
             self.store.delete(key)  # destroyed while this write was on its way: take it back
         return result
+
+    def _apply_current(self, key: str, op: _Op) -> None:
+        """Write the node copy's current bytes of session ``key`` unless the backup holds them already."""
+        if op.kind == "touch" and self.store.touch(key, op.ttl):
+            return
+        ledger = self.ledger
+        with ledger.lease(key, wait=_LEASE_WAIT):
+            current = ledger.current(key)
+            data, version = (op.data, op.version) if current is None else (current.data, current.version)
+            if op.kind == "save" and ledger.holds_newer(key, version):
+                return
+            if op.kind == "touch":
+                _log.info("sessionstore: a session backup was gone from the store; rewritten")
+            self.store.save(key, data, op.ttl)  # type: ignore[arg-type]
+            ledger.backed(key, version, op.ttl)
 
 
 def _apply(store: Store, index_store: Any, key: str, op: _Op) -> Any:

@@ -46,7 +46,7 @@ from .signing import CookieSigner, Verdict
 from .stores import open_store
 from .locking import LockPolicy, LockRenewer
 from .metrics import Metrics, TimedStore
-from .stores.base import LockingStore, Record, Store
+from .stores.base import NO_LOAD, LockingStore, Record, Store
 from .timeouts import IdleTimeouts
 from .tombstones import Tombstones
 from .index import SessionIndex, entry_ttl
@@ -80,7 +80,7 @@ class SessionManager:
         self.settings = settings
         self.clock = clock or time.time
         if store is None:
-            store = open_store(settings.store, clock=self.clock)
+            store = open_store(settings.store, clock=self.clock, app=settings.app_identity())
         self.metrics = Metrics()
         self._sticky: Any = None
         #: The shared store itself (in sticky mode: past this node's memory and backup writer).
@@ -97,12 +97,11 @@ class SessionManager:
         self.listeners = Listeners()
         self.node_id = settings.node_id if settings.sticky else None
         self._prefix = settings.key_prefix
-        self._live: dict[str, SessionState] = {}  # sticky: states shared by concurrent requests
-        self._live_lock = threading.Lock()
         self._load_locks = [threading.Lock() for _ in range(64)] if settings.sticky else []
         self.tombstones = Tombstones(self.store, self.clock)
         self._timeouts = IdleTimeouts(settings.max_inactive)
-        #: Tombstones of destroyed sessions, written straight to the shared store.
+        #: Tombstones saying an id is over, written straight to the shared store (in sticky mode the
+        #: id is gone from the node copy first, and its backup writer no longer writes anything of it).
         self._final_tombstones = Tombstones(self._shared, self.clock)
         self.index = SessionIndex(self._shared, self._prefix)
         self.feed: InvalidationFeed | None = None
@@ -181,7 +180,6 @@ class SessionManager:
         key = self.key(session_id)
         if self._sticky is not None:
             existed = self._sticky.drop_session(key, everywhere=True)
-            self._unshare(session_id)
         else:
             existed = self.store.delete(key)
         if self.index.enabled and (existed or self._sticky is not None):
@@ -214,7 +212,6 @@ class SessionManager:
         for session_id in session_ids:
             key = self.key(session_id)
             held = self._sticky.drop_session(key, everywhere=False)
-            self._unshare(session_id)
             if held and reason == "invalidated":  # a write of ours may have landed after theirs
                 self._final_tombstones.destroyed(key, "invalidated", self._default_ttl())
 
@@ -227,11 +224,6 @@ class SessionManager:
     def _gone(self, key: str) -> bool:
         """Sticky mode: whether ``key`` was destroyed by another call (whose listeners fired)."""
         return bool(self._sticky.is_destroyed(key))
-
-    def _unshare(self, session_id: str) -> None:
-        """No later request may share the in-memory state of ``session_id``."""
-        with self._live_lock:
-            self._live.pop(session_id, None)
 
     def stats(self) -> dict[str, Any]:
         """Counters and store timings since start (see :mod:`sessionstore.metrics`)."""
@@ -256,18 +248,9 @@ class SessionManager:
         return Session(self, cookie, record, path)
 
     def release(self, session: Session) -> None:
-        """The request is over: free its lock, stop sharing its state (sticky mode)."""
+        """The request is over: free its lock."""
         if session._lock is not None:
             self._unlock(session)
-        live_key, session._live_key = session._live_key, None
-        if live_key is None:
-            return
-        with self._live_lock:
-            state = self._live.get(live_key)
-            if state is not None:
-                state.users -= 1
-                if state.users <= 0:
-                    del self._live[live_key]
 
     def _load(self, session: Session) -> None:
         """First touch: verify the cookie, load from the store or start a new session."""
@@ -296,13 +279,16 @@ class SessionManager:
 
     def _fetch(self, session: Session, key: str, ttl: int | None) -> tuple[Record | None, str]:
         """The stored record (expiry slid) and where it came from (sticky: ``local``)."""
-        if self.node_id is not None:
+        locked = self._renewer is not None and self.lock_policy.should_lock(session._path)
+        if self.node_id is not None:  # the lock lives in the node copy; then the node copy is read
+            if locked:
+                self._lock_and_load(session, key, NO_LOAD)
             return self.store.fetch(key, ttl)  # type: ignore[attr-defined]
-        if self._renewer is not None and self.lock_policy.should_lock(session._path):
+        if locked:
             return self._lock_and_load(session, key, ttl), "store"
         return self.store.load_and_touch(key, ttl), "store"
 
-    def _lock_and_load(self, session: Session, key: str, ttl: int | None) -> Record | None:
+    def _lock_and_load(self, session: Session, key: str, ttl: Any) -> Record | None:
         """Take the session lock (waiting up to ``lock_timeout``) and load in the same round trip."""
         token = secrets.token_urlsafe(16)
         store: LockingStore = self.store  # type: ignore[assignment]
@@ -366,7 +352,7 @@ class SessionManager:
             self.store.delete(key)
             if payload.meta.index and self.index.enabled:
                 self.store.index_drop(key)  # type: ignore[attr-defined]
-            self.tombstones.destroyed(key, "expired", self._default_ttl())
+            self._final_tombstones.destroyed(key, "expired", self._default_ttl())
             self.listeners.emit(SessionEvent("destroyed", session_id, reason="expired"))
             return False
         s = session._s
@@ -377,36 +363,17 @@ class SessionManager:
         return True
 
     def _load_sticky(self, session: Session, session_id: str) -> None:
-        """Sticky mode: share a live state, or load (local copy first), or fail over.
+        """Sticky mode: load from the node copy (shared by every worker of the node), or fail over.
 
-        One request at a time loads a given id in this process (the others
-        wait, then share its state): two parallel first loads after a restart,
-        or two parallel requests failing over, must end as one session.
+        Each request works on its own copy and saves conditionally, merging
+        per attribute, as in non-sticky mode. Two parallel requests of this
+        process failing over one id take turns, so they end as one session.
         """
+        if ids.split_route(session_id)[1] == self.node_id:
+            self._load_id(session, session_id)
+            return
         with self._load_locks[hash(session_id) % len(self._load_locks)]:
-            key = self.key(session_id)
-            with self._live_lock:
-                state = self._live.get(session_id)
-                if state is not None and self._sticky.is_destroyed(key):  # destroyed elsewhere meanwhile
-                    del self._live[session_id]
-                    state = None
-                if state is not None:
-                    state.users += 1
-            if state is not None:
-                session._s, session._live_key = state, session_id
-                self.store.keep_alive(self.key(state.id), self._ttl(state.meta))  # type: ignore[attr-defined]
-                session._record.source = "local"
-                return
-            if ids.split_route(session_id)[1] != self.node_id:
-                self._failover(session, session_id)
-            else:
-                self._load_id(session, session_id)
-            if session._s.id is None:
-                return
-            with self._live_lock:
-                self._live[session_id] = session._s
-                session._s.users += 1
-                session._live_key = session_id
+            self._failover(session, session_id)
 
     def _failover(self, session: Session, session_id: str) -> None:
         """A session owned by another node arrived here: take it over under our route."""
@@ -560,20 +527,21 @@ class SessionManager:
         moved = []
         for old_id, why, indexed in stale:  # type: ignore[misc]
             key = self.key(old_id)
+            # destroyed meanwhile by another call (invalidate_by_index, another logout)?
+            # Then that call wrote the tombstone and told the listeners: once per session.
+            told_before = self._gone(key) if self._sticky is not None else False
             deleted = self.store.delete(key)
             if indexed and self.index.enabled:
                 self.store.index_drop(key)  # type: ignore[attr-defined]
             if why == "moved":
                 moved.append(old_id)
             if why == "invalidated":
-                # destroyed meanwhile by another call (invalidate_by_index, another logout)?
-                # Then that call wrote the tombstone and told the listeners: once per session.
-                told = self._gone(key) if self._sticky is not None else not deleted
+                told = told_before if self._sticky is not None else not deleted
                 if not told:
-                    self.tombstones.destroyed(key, "invalidated", self._default_ttl())
+                    self._final_tombstones.destroyed(key, "invalidated", self._default_ttl())
                     self.listeners.emit(SessionEvent("destroyed", old_id, reason="invalidated"))
                 continue
-            self.tombstones.destroyed(key, "replaced", self._default_ttl())
+            self._final_tombstones.destroyed(key, "replaced", self._default_ttl())
             self.listeners.emit(SessionEvent("id_changed", s.id, old_id=old_id))  # type: ignore[arg-type]
         if moved:  # the node we took them over from must drop its copy
             try:

@@ -9,8 +9,8 @@ made in place (``session["cart"]["items"].append(1)``) is seen like an
 assignment.
 
 A :class:`Session` is one request's view; the data lives in a
-:class:`SessionState`, which concurrent requests of one session share in
-sticky mode (one session object per process, as in Tomcat).
+:class:`SessionState` of its own (parallel requests of one session each
+have theirs, and their saves merge per attribute, in both modes).
 """
 
 from __future__ import annotations
@@ -50,13 +50,12 @@ class SessionState:
 
     __slots__ = (
         "id", "is_new", "meta", "payload", "version", "values", "assigned", "removed",
-        "forced", "meta_changed", "stale_ids", "lock", "users",
+        "forced", "meta_changed", "stale_ids", "lock",
     )
 
     def __init__(self) -> None:
         self.stale_ids: list[tuple[str, str, bool]] = []  # (old id, reason, had index entries)
         self.lock = threading.RLock()
-        self.users = 0  # requests sharing this state right now (sticky mode)
         self.reset()
 
     def reset(self) -> None:
@@ -121,7 +120,7 @@ class Session(MutableMapping[str, Any]):
     """
 
     __slots__ = ("_manager", "_cookie", "_record", "_path", "_loaded", "_requested_id", "_lock", "_s",
-                 "_live_key", "__weakref__")
+                 "__weakref__")
 
     def __init__(self, manager: "SessionManager", cookie: str | None, record: "RequestRecord",
                  path: str = "") -> None:
@@ -132,7 +131,6 @@ class Session(MutableMapping[str, Any]):
         self._loaded = False
         self._requested_id: str | None = None  # the verified id the client sent
         self._lock: tuple[str, str] | None = None  # (session key, owner token) while locked
-        self._live_key: str | None = None  # sticky: the id its shared state is registered under
         self._s = SessionState()
 
     # -- loading --------------------------------------------------------------

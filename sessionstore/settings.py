@@ -8,6 +8,7 @@ strings (``"true"``, ``"1800"``, ``"k1,k2"``) into the same fields.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
@@ -34,12 +35,13 @@ class Settings:
 
     Field names, defaults and meanings are those of the public contract
     (``docs/settings.md``). The sticky-mode local cache bounds
-    (``local_cache_sessions``, ``local_cache_bytes``) and ``encryption_key``
-    (encrypt stored sessions at rest; first key encrypts, all decrypt) are
-    extensions.
+    (``local_cache_sessions``, ``local_cache_bytes``), ``node_dir`` (where a
+    sticky node keeps its node-wide copy; default: a directory on tmpfs named
+    after the application and the node id) and ``encryption_key`` (encrypt
+    stored sessions at rest; first key encrypts, all decrypt) are extensions.
     """
 
-    store: str = "memory://"
+    store: str = "local://"
     mode: str = "non-sticky"
     node_id: str | None = None
     backup: str = "sync"
@@ -66,6 +68,7 @@ class Settings:
     encryption_key: str | list[str] | None = field(default=None, repr=False)
     local_cache_sessions: int = 10_000
     local_cache_bytes: int = 256 * 1024 * 1024
+    node_dir: str | None = None
 
     def __post_init__(self) -> None:
         for check in _CHECKS:
@@ -94,6 +97,11 @@ class Settings:
     @property
     def sticky(self) -> bool:
         return self.mode == "sticky"
+
+    def app_identity(self, *extra: str) -> tuple[str, ...]:
+        """Names of this application on its host (``local://`` and node copies are named after them):
+        the key prefix, the cookie name and the working directory, then ``extra``."""
+        return (self.key_prefix, self.cookie_name, os.getcwd(), *extra)
 
     def replace(self, **changes: Any) -> "Settings":
         """A copy with ``changes`` applied (validated again)."""
@@ -127,7 +135,7 @@ class Settings:
 _INT_FIELDS = {"max_inactive", "max_age", "max_size", "local_cache_sessions", "local_cache_bytes"}
 _FLOAT_FIELDS = {"lock_timeout", "lock_expiry"}
 _BOOL_FIELDS = {"cookie_httponly", "debug"}
-_OPTIONAL = {"node_id", "max_age", "cookie_domain", "secret_key", "ignore_pattern", "encryption_key"}
+_OPTIONAL = {"node_dir", "node_id", "max_age", "cookie_domain", "secret_key", "ignore_pattern", "encryption_key"}
 _SAMESITE_TEXT = {"lax": "Lax", "strict": "Strict", "none": "None", "": None, "null": None, "off": None}
 
 
@@ -217,8 +225,6 @@ def _check_locking(s: Settings) -> None:
             raise ConfigError("locking", f"bad regex in {value!r}: {exc}") from None
     elif value not in ("none", "all", "auto"):
         raise ConfigError("locking", f"expected 'none', 'all', 'auto' or 'uri:<regex>', got {value!r}")
-    if s.sticky and value != "none":
-        raise ConfigError("locking", "locking applies to non-sticky mode; in sticky mode the owner node serializes a session's requests itself")
 
 
 def _check_cookie(s: Settings) -> None:
@@ -287,4 +293,5 @@ _CHECKS = (
     _one_of("cookie_httponly", (True, False)),
     _typed("local_cache_sessions", (int,), minimum=1),
     _typed("local_cache_bytes", (int,), minimum=1024),
+    _typed("node_dir", (str,), optional=True),
 )

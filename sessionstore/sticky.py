@@ -1,33 +1,41 @@
-"""Sticky mode's store: this node's memory holds the primary copy, the shared store a backup.
+"""Sticky mode's store: the node holds the primary copy, the shared store a backup.
 
 :class:`StickyStore` follows the store contract, so the manager treats it
-like any store. Reads are served from the local cache (bounded LRU, expiry
-honoured) and cost no store command; a local miss (a restarted process, an
-evicted entry) falls back to the backup. Writes go to the local cache and
-then to the backup through a :class:`~sessionstore.backup.BackupWriter`
+like any store. The primary copies live in a node copy, a
+:class:`~sessionstore.stores.local.LocalStore` that every worker process and
+thread of the node shares (one ``node_id`` on one host): a request may land
+on any worker of its node and finds the same session, saved conditionally
+and merged per attribute like in non-sticky mode. Reads are served from the
+node copy and cost no store command; a miss (the copy was evicted, the host
+rebooted) falls back to the backup. Writes go to the node copy, then to the
+backup through a :class:`~sessionstore.backup.BackupWriter`
 (``backup="sync"`` or ``"async"``).
 
+Backups never regress: whichever worker writes a session's backup writes
+the node copy's *current* bytes, one worker at a time per session (a short
+lease in the node copy), and skips it when the backup already holds that
+version. An older write queued in a slow or killed worker can therefore
+never overwrite a newer backup.
+
 The backup lives ``BACKUP_SLACK`` longer than the session's idle timeout and
-is re-touched only when it would otherwise lapse before the primary copy,
-so a read-only request costs a store command only about once per quarter
-of the idle timeout per session. After a node restart, a session may be
-loaded from its backup up to that slack after it went idle.
+is re-touched only when it would otherwise lapse before the primary copy
+(the deadline is kept in the node copy, so the workers share it): a
+read-only request costs a store command about once per quarter of the idle
+timeout per session and node.
 
 What is lost when the node dies: nothing acknowledged with ``backup="sync"``
-(unless the store was down at the time and the queued backup had not yet
-landed); with ``backup="async"``, the writes still queued at the moment of
-death.
+(unless the store was down at the time); with ``backup="async"``, the writes
+still queued at the moment of death. A worker that dies loses nothing: the
+node copy is outside it.
 
-Sessions destroyed elsewhere (single sign-out, ``manager.invalidate`` from
-another node, a failover that moved a session to another node) reach this
-node through the invalidation feed (:mod:`sessionstore.invalidation`), which
-calls :meth:`StickyStore.drop_session`. A dropped key is remembered for
-``DESTROYED_MEMORY`` seconds: it is never loaded, saved, touched or backed
-up again on this node, whatever request was in flight when the message came
-(checked before each write and again after it, so a write racing with the
-drop is taken back). When the feed may have lost messages (a reconnection,
-a reset log), :meth:`StickyStore.suspect_all` makes every session held
-here be checked against the store once, on its next use.
+An id that is over (logged out, rotated, moved to another node, destroyed
+elsewhere through the invalidation feed of :mod:`sessionstore.invalidation`)
+is marked gone in the node copy for ``DESTROYED_MEMORY`` seconds: no worker
+of the node loads, saves, touches or backs it up again, and its backup is
+deleted from the store at once, whatever ``backup`` is, so no node can load
+it from there either. When the feed may have lost messages,
+:meth:`StickyStore.suspect_all` makes every session held here be checked
+against the store once, on its next use in this process.
 """
 
 from __future__ import annotations
@@ -35,30 +43,46 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
+import struct
 import threading
 import time
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 from .backup import BackupWriter
-from .errors import StoreError
+from .errors import StoreError, StoreUnavailable
 from .settings import Settings
-from .stores.base import ANY, INDEX_SUFFIX, Record, SaveResult, Store, companion_key, is_companion
-from .stores.memory import MemoryStore
+from .stores.base import ANY, INDEX_SUFFIX, NO_LOAD, Record, SaveResult, Store, companion_key, is_companion
+from .stores.local import LocalStore, default_directory
 
-__all__ = ["StickyStore", "BACKUP_SLACK", "DESTROYED_MEMORY"]
+__all__ = ["StickyStore", "BACKUP_SLACK", "DESTROYED_MEMORY", "node_directory"]
 
 _log = logging.getLogger("sessionstore")
 
 #: The backup outlives the primary by this fraction of the idle timeout.
 BACKUP_SLACK = 0.25
-#: Seconds a node remembers a session destroyed elsewhere (longer than any request).
+#: Seconds a node remembers that an id is over (longer than any request).
 DESTROYED_MEMORY = 3600.0
 #: Tombstone states meaning "this id is over" (a suspect local copy is dropped).
 _FINAL_STATES = ("invalidated", "expired", "replaced")
+#: Seconds a worker may hold a session's backup lease (a killed worker's lease frees itself).
+_LEASE_EXPIRY = 5.0
+# node-copy companions: the id is over; the backup's deadline and the version it holds; the lease
+_GONE, _BACKED, _LEASE = "gone", "bk", "bkl"
+_BACKED_FORMAT = struct.Struct("<dQ")
+
+
+def node_directory(settings: Settings) -> Path:
+    """Where this node keeps its node copy: ``node_dir``, or one directory per application and node id."""
+    if settings.node_dir:
+        return Path(settings.node_dir)
+    return default_directory(*settings.app_identity("node", settings.node_id or ""))
 
 
 class StickyStore:
-    """A local :class:`MemoryStore` in front of a shared store used as backup."""
+    """The node copy in front of a shared store used as backup."""
 
     def __init__(self, remote: Store, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
         #: The store as configured: index entries, the invalidation feed, destruction.
@@ -66,42 +90,31 @@ class StickyStore:
         single_copy = getattr(remote, "single_copy", None)  # the primary is here: one store copy is enough
         self.remote = single_copy() if single_copy is not None else remote
         self.clock = clock
-        self.local = MemoryStore(
-            clock=clock,
-            max_entries=settings.local_cache_sessions,
-            max_bytes=settings.local_cache_bytes,
-            on_evict=self._forget,
-            counted=False,
-        )
+        #: The node copy, shared by every worker process of this node.
+        self.local = LocalStore(node_directory(settings), clock=clock, max_sessions=settings.local_cache_sessions,
+                                max_bytes=settings.local_cache_bytes, counted=False)
         self.backup = BackupWriter(self.remote, asynchronous=settings.backup == "async",
-                                   index_store=remote, gate=self._writable)
-        self._deadlines: dict[str, float] = {}  # key -> when its backup expires
+                                   index_store=remote, gate=self._writable, ledger=_Ledger(self.local, clock))
         self._lock = threading.Lock()
-        self._destroyed: dict[str, float] = {}  # session key -> until when it is remembered
-        self._suspects: set[str] = set()  # keys to check against the store on next use
+        self._suspects: set[str] = set()  # keys to check against the store on next use (this process)
 
-    # -- destroyed elsewhere ----------------------------------------------------------
+    # -- ids that are over ----------------------------------------------------------------
 
     def is_destroyed(self, key: str) -> bool:
-        """Whether session ``key`` was destroyed (here or, through the feed, elsewhere)."""
-        until = self._destroyed.get(key)
-        return until is not None and until > self.clock()
+        """Whether session ``key`` is over on this node (logged out, rotated, moved, destroyed elsewhere)."""
+        return self.local.load(companion_key(key, _GONE)) is not None
 
     def _writable(self, key: str) -> bool:
-        """The backup writer's gate: nothing of a destroyed session is written any more."""
+        """The backup writer's gate: nothing of a session that is over is written any more."""
         return not self.is_destroyed(_session_of(key))
 
     def _mark_destroyed(self, key: str) -> None:
-        now = self.clock()
+        self.local.save(companion_key(key, _GONE), b"", math.ceil(DESTROYED_MEMORY))
         with self._lock:
-            if len(self._destroyed) >= 10_000:
-                for old in [k for k, until in self._destroyed.items() if until <= now]:
-                    del self._destroyed[old]
-            self._destroyed[key] = now + DESTROYED_MEMORY
             self._suspects.discard(key)
 
     def drop_session(self, key: str, *, everywhere: bool) -> bool:
-        """Forget session ``key`` on this node for good: local copy, queued writes, and any later write.
+        """Forget session ``key`` on this node for good: node copy, queued writes, and any later write.
 
         ``everywhere=True`` (the node destroying it): the store copy is
         deleted now, synchronously (raises ``StoreUnavailable``); returns
@@ -113,7 +126,6 @@ class StickyStore:
         self._mark_destroyed(key)  # first: from now on no write of it passes the gate
         held = self.local.delete(key)
         queued = self.backup.discard([key, companion_key(key, "t"), companion_key(key, INDEX_SUFFIX)])
-        self._forget(key)
         if everywhere:
             return self.remote.delete(key) or held
         if held or queued:
@@ -157,34 +169,34 @@ class StickyStore:
     # -- reads -------------------------------------------------------------------------------
 
     def fetch(self, key: str, ttl: int | None) -> tuple[Record | None, str]:
-        """The session, local copy first; and where it came from (``local`` or ``store``)."""
-        if self.is_destroyed(key):
-            return None, "store"
+        """The session, node copy first; and where it came from (``local`` or ``store``).
+
+        A live node copy is never one of an id that is over: the id is marked
+        gone before its copy is deleted, and writes check the mark.
+        """
         record = self.local.load_and_touch(key, ttl)
         if record is not None and (not self._suspects or self._still_valid(key, ttl)):
-            self._refresh_backup(key, ttl, record.data)
+            self._refresh_backup(key, ttl, record)
             return record, "local"
-        if record is not None:
+        if record is not None or self.is_destroyed(key):
             return None, "store"
         stored = self.remote.load_and_touch(key, _backup_ttl(ttl))
         if stored is None:
             return None, "store"
-        self._set_deadline(key, ttl)
         result = self.local.save(key, stored.data, ttl, expect=None)
-        if self.is_destroyed(key):  # destroyed while it was being loaded: never keep it
+        if self.is_destroyed(key):  # over while it was being loaded: never keep it
             self.local.delete(key)
             return None, "store"
         if not result.ok:  # another request put a (newer) copy here meanwhile: that one is primary
             return result.current, "local"
+        self.backup.ledger.backed(key, result.version, _backup_ttl(ttl))  # type: ignore[union-attr]
         return Record(stored.data, result.version, stored.relocated), "store"
 
     def keep_alive(self, key: str, ttl: int | None) -> None:
-        """A request uses the session from memory: slide the local expiry, mind the backup's."""
-        if self.is_destroyed(key):
-            return
+        """A request uses the session without loading it again: slide the node copy's expiry."""
         record = self.local.load_and_touch(key, ttl)
         if record is not None:
-            self._refresh_backup(key, ttl, record.data)
+            self._refresh_backup(key, ttl, record)
 
     def load_backup(self, key: str, ttl: int | None) -> Record | None:
         """Another node's session, straight from the shared store (failover)."""
@@ -206,15 +218,14 @@ class StickyStore:
         if is_companion(key):  # tombstones: the store only, through the writer (never blocks)
             self.backup.save(key, data, ttl)
             return SaveResult(True, version=None)
-        if self.is_destroyed(key):  # destroyed elsewhere: an in-flight request must not bring it back
+        if self.is_destroyed(key):  # over: an in-flight request must not bring it back
             return SaveResult(False, current=None)
         result = self.local.save(key, data, ttl, expect)
-        if result.ok and self.is_destroyed(key):  # the drop came in between
+        if result.ok and self.is_destroyed(key):  # it ended in between
             self.local.delete(key)
             return SaveResult(False, current=None)
         if result.ok:
-            self._set_deadline(key, ttl)
-            self.backup.save(key, data, _backup_ttl(ttl))
+            self.backup.save(key, data, _backup_ttl(ttl), version=result.version)
         return result
 
     def touch(self, key: str, ttl: int | None) -> bool:
@@ -222,16 +233,47 @@ class StickyStore:
             return False
         record = self.local.load_and_touch(key, ttl)
         if record is not None:
-            self._set_deadline(key, ttl)
+            self.backup.ledger.extend(key, _backup_ttl(ttl))  # type: ignore[union-attr]
             self.backup.touch(key, _backup_ttl(ttl), record.data)
         return record is not None
 
     def delete(self, key: str, expect: Any = ANY) -> bool:
+        """The id is over (rotated, moved, logged out, expired): everywhere, at once.
+
+        The backup is deleted synchronously even with ``backup="async"``: no
+        node may load an old id from a backup whose delete is still queued.
+        """
+        if expect is not ANY and self.local.load(key) is None:
+            return False
+        self._mark_destroyed(key)
         found = self.local.delete(key, expect)
-        if found or expect is ANY:
-            self._forget(key)
+        self.backup.discard([key])
+        try:
+            self.remote.delete(key)
+        except StoreError as exc:  # no other node can load it while the store is down; retried
+            _log.warning("sessionstore: could not delete an old session id's backup now (%s); queued", exc)
             self.backup.delete(key)
         return found
+
+    # -- session locks: held in the node copy (every request of a session comes to its node) ----
+
+    def lock(self, key: str, token: str, expiry: float, load_ttl: Any = NO_LOAD) -> tuple[bool, Record | None]:
+        acquired, _ = self.local.lock(companion_key(key, "lock"), token, expiry)
+        if not acquired or load_ttl is NO_LOAD:
+            return acquired, None
+        return True, self.fetch(key, load_ttl)[0]
+
+    def renew(self, key: str, token: str, expiry: float) -> bool:
+        return self.local.renew(companion_key(key, "lock"), token, expiry)
+
+    def unlock(self, key: str, token: str) -> bool:
+        return self.local.unlock(companion_key(key, "lock"), token)
+
+    def save_and_unlock(self, key: str, data: bytes, ttl: int | None, expect: Any, token: str) -> SaveResult:
+        try:
+            return self.save(key, data, ttl, expect)
+        finally:
+            self.unlock(key, token)
 
     # -- index: entries go through the backup writer (after the session write queued before) --
 
@@ -249,34 +291,83 @@ class StickyStore:
     def close(self) -> None:
         self.backup.close()
         self.remote.close()
+        self.local.close()
 
     # -- backup expiry ---------------------------------------------------------------------------
 
-    def _refresh_backup(self, key: str, ttl: int | None, data: bytes) -> None:
+    def _refresh_backup(self, key: str, ttl: int | None, record: Record) -> None:
         """Touch the backup only if it would lapse before the primary copy does.
 
         A backup the store lost (evicted, or its memcached node died) is
-        written again from ``data``, the primary copy.
+        written again from the node copy.
         """
         if ttl is None:
             return
-        now = self.clock()
-        deadline = self._deadlines.get(key)
-        if deadline is None or deadline < now + ttl:
-            self._set_deadline(key, ttl, now)
-            self.backup.touch(key, _backup_ttl(ttl), data)
+        ledger: _Ledger = self.backup.ledger  # type: ignore[assignment]
+        deadline = ledger.deadline(key)
+        if deadline is None or deadline < self.clock() + ttl:
+            ledger.extend(key, _backup_ttl(ttl))
+            self.backup.touch(key, _backup_ttl(ttl), record.data)
 
-    def _set_deadline(self, key: str, ttl: int | None, now: float | None = None) -> None:
-        if ttl is None:
-            self._deadlines.pop(key, None)
-            return
-        with self._lock:
-            self._deadlines[key] = (self.clock() if now is None else now) + _backup_ttl(ttl)
 
-    def _forget(self, key: str) -> None:
-        with self._lock:
-            self._deadlines.pop(key, None)
-            self._suspects.discard(key)
+class _Ledger:
+    """What the node copy knows about each session's backup (shared by the node's workers).
+
+    Per session: until when the backup lives and which node-copy version it
+    holds; and a lease so that one worker at a time writes a session's
+    backup, always the node copy's current bytes.
+    """
+
+    def __init__(self, local: LocalStore, clock: Callable[[], float]) -> None:
+        self.local = local
+        self.clock = clock
+
+    def current(self, key: str) -> Record | None:
+        """The node copy's record of session ``key`` (what its backup must hold)."""
+        return self.local.load(key)
+
+    def _read(self, key: str) -> tuple[float, int] | None:
+        record = self.local.load(companion_key(key, _BACKED))
+        if record is None or len(record.data) != _BACKED_FORMAT.size:
+            return None
+        return _BACKED_FORMAT.unpack(record.data)
+
+    def deadline(self, key: str) -> float | None:
+        found = self._read(key)
+        return None if found is None else found[0]
+
+    def holds_newer(self, key: str, version: Any) -> bool:
+        """Whether the backup already holds node-copy ``version`` or a later one."""
+        found = self._read(key)
+        return found is not None and isinstance(version, int) and found[1] >= version
+
+    def backed(self, key: str, version: Any, ttl: int | None) -> None:
+        """The backup now holds ``version`` and lives ``ttl`` seconds."""
+        self._write(key, ttl, int(version) if isinstance(version, int) else 0)
+
+    def extend(self, key: str, ttl: int | None) -> None:
+        """The backup's expiry was (or is about to be) slid to ``ttl`` seconds from now."""
+        found = self._read(key)
+        self._write(key, ttl, 0 if found is None else found[1])
+
+    def _write(self, key: str, ttl: int | None, version: int) -> None:
+        deadline = float("inf") if ttl is None else self.clock() + ttl
+        self.local.save(companion_key(key, _BACKED), _BACKED_FORMAT.pack(deadline, version),
+                        None if ttl is None else ttl)
+
+    @contextmanager
+    def lease(self, key: str, wait: float) -> Iterator[None]:
+        """Hold session ``key``'s backup lease (waiting up to ``wait`` s for another worker)."""
+        token, lease = secrets.token_hex(8), companion_key(key, _LEASE)
+        deadline = time.monotonic() + wait
+        while not self.local.lock(lease, token, _LEASE_EXPIRY)[0]:
+            if time.monotonic() >= deadline:
+                raise StoreUnavailable("another worker of this node is writing this session's backup")
+            time.sleep(0.001)
+        try:
+            yield
+        finally:
+            self.local.unlock(lease, token)
 
 
 def _session_of(key: str) -> str:

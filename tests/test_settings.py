@@ -7,7 +7,7 @@ from sessionstore import ConfigError, Settings
 
 def test_defaults_follow_the_contract():
     s = Settings()
-    assert (s.store, s.mode, s.node_id, s.backup, s.locking) == ("memory://", "non-sticky", None, "sync", "none")
+    assert (s.store, s.mode, s.node_id, s.backup, s.locking) == ("local://", "non-sticky", None, "sync", "none")
     assert (s.lock_timeout, s.lock_expiry, s.on_conflict, s.dirty_check) == (2.0, 10.0, "last-writer-wins", "deep")
     assert (s.max_inactive, s.max_age, s.cookie_name, s.cookie_domain, s.cookie_path) == (1800, None, "session", None, "/")
     assert (s.cookie_secure, s.cookie_httponly, s.cookie_samesite) == ("auto", True, "Lax")
@@ -24,7 +24,7 @@ def test_defaults_follow_the_contract():
         ({"backup": "later"}, "backup"),
         ({"locking": "sometimes"}, "locking"),
         ({"locking": "uri:("}, "locking"),
-        ({"mode": "sticky", "node_id": "n1", "locking": "all"}, "locking"),
+        ({"node_dir": 3}, "node_dir"),
         ({"lock_timeout": -1}, "lock_timeout"),
         ({"on_conflict": "panic"}, "on_conflict"),
         ({"dirty_check": "shallow"}, "dirty_check"),

@@ -43,8 +43,11 @@ def shared(clock):
 
 
 @pytest.fixture
-def node(clock, shared):
-    def build(node_id: str, **fields):
+def node(clock, shared, tmp_path):
+    """``build(node_id, host=...)``: a node; nodes with one id and one host share their node copy."""
+
+    def build(node_id: str, host: str = "host", **fields):
+        fields.setdefault("node_dir", str(tmp_path / host / node_id))
         fields.setdefault("secret_key", SECRET)
         fields.setdefault("debug", True)
         return SessionMiddleware(json_app(HANDLERS), mode="sticky", node_id=node_id, clock=clock,
@@ -101,10 +104,19 @@ def test_read_only_on_owner_costs_no_store_call_and_write_costs_one(node, shared
     assert shared.total == before + 1
 
 
-def test_restarted_node_loads_from_the_store(node):
+def test_restarted_worker_serves_from_the_node_copy(node):
     client = Client(node("n1"))
     client.get("/inc")
-    restarted = move(client, node("n1"))
+    restarted = move(client, node("n1"))  # a new worker process of the same node
+    response = restarted.get("/read")
+    assert response.json["n"] == 1
+    assert "source=local" in response.headers["X-Session-Debug"]
+
+
+def test_rebooted_node_loads_from_the_store(node):
+    client = Client(node("n1"))
+    client.get("/inc")
+    restarted = move(client, node("n1", host="rebooted"))  # its node copy is gone
     response = restarted.get("/read")
     assert response.json["n"] == 1
     assert "source=store" in response.headers["X-Session-Debug"]
@@ -135,7 +147,7 @@ def test_invalidate_and_rotate_remove_the_backup(node, shared):
     assert n1.manager.key(first) not in shared._entries and n1.manager.key(rotated) in shared._entries
     client.get("/logout")
     assert n1.manager.key(rotated) not in shared._entries
-    assert n1.manager.key(rotated) not in n1.manager.store.local._entries
+    assert n1.manager.key(rotated) not in n1.manager.store.local.keys()
 
 
 def test_listeners_fire_once_per_lifetime_on_the_owner(node):
@@ -167,36 +179,39 @@ def test_async_backup_coalesces_and_close_flushes(node, shared):
     assert other.get("/read").json["n"] == 20
 
 
-def test_concurrent_requests_share_one_state_and_lose_nothing(clock, shared):
-    entered = threading.Barrier(4)
+@pytest.mark.parametrize("locking, attribute", [("none", "own"), ("all", "same")])
+def test_concurrent_requests_merge_or_lock_and_lose_nothing(shared, tmp_path, locking, attribute):
+    """Each request has its own copy (as on another worker): own attributes merge, one attribute needs the lock."""
 
     def app(environ, start_response):
         session = get_session(environ)
-        session.setdefault("hits", []).append(environ["PATH_INFO"])
-        if environ["PATH_INFO"].startswith("/sync"):
-            entered.wait(5)
+        name = environ["PATH_INFO"].strip("/") if attribute == "own" else "hits"
+        session.setdefault(name, []).append(environ["PATH_INFO"])
         start_response("200 OK", [])
-        return [repr(id(session._s)).encode()]
+        return [b"ok"]
 
-    mw = SessionMiddleware(app, mode="sticky", node_id="n1", secret_key=SECRET, store=shared)
+    mw = SessionMiddleware(app, mode="sticky", node_id="n1", secret_key=SECRET, store=shared, locking=locking,
+                           node_dir=str(tmp_path / "n1"))
     first = Client(mw)
     first.get("/start")
     value = cookie(first)
-    states = []
 
     def worker(i: int) -> None:
         client = Client(mw)
         client.set_cookie("session", value)
-        states.append(client.get(f"/sync{i}").get_data())
+        for j in range(10):
+            client.get(f"/t{i}")
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(set(states)) == 1  # one session object state for the concurrent requests
-    hits = mw.manager.load(mw.manager.signer.unsign(value))["hits"]
-    assert sorted(hits) == ["/start", "/sync0", "/sync1", "/sync2", "/sync3"]
+    session = mw.manager.load(mw.manager.signer.unsign(value))
+    if attribute == "own":
+        assert all(session[f"t{i}"] == [f"/t{i}"] * 10 for i in range(4))
+    else:
+        assert sorted(session["hits"]) == sorted(["/start"] + [f"/t{i}" for i in range(4) for _ in range(10)])
 
 
 def test_unknown_route_with_nothing_in_store_is_a_new_session(node):

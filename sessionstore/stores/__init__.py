@@ -1,7 +1,9 @@
 """Session stores, chosen by URL scheme.
 
 =====================================  =========================================
-``memory://``                          :class:`~.memory.MemoryStore` (in-process)
+``local://``                           :class:`~.local.LocalStore` (every process
+                                       of one host; the default)
+``memory://``                          :class:`~.memory.MemoryStore` (one process)
 ``redis://``, ``rediss://``,           :class:`~.redis.RedisStore`
 ``redis+sentinel://``, ``redis+cluster://``
 ``memcached://``                       :class:`~.memcached.MemcachedStore`
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..errors import ConfigError
 from .base import ANY, NO_LOAD, LockingStore, Record, SaveResult, Store
@@ -22,6 +24,7 @@ from .base import ANY, NO_LOAD, LockingStore, Record, SaveResult, Store
 __all__ = ["open_store", "Store", "LockingStore", "Record", "SaveResult", "ANY", "NO_LOAD"]
 
 _BACKENDS = {
+    "local": ("local", "LocalStore", None),
     "memory": ("memory", "MemoryStore", None),
     "redis": ("redis", "RedisStore", "redis"),
     "rediss": ("redis", "RedisStore", "redis"),
@@ -36,8 +39,12 @@ _BACKENDS = {
 }
 
 
-def open_store(url: str, *, clock: Callable[[], float] = time.time) -> Store:
-    """The store for ``url``. Unknown schemes and missing extras raise ConfigError."""
+def open_store(url: str, *, clock: Callable[[], float] = time.time, app: Sequence[str] = ()) -> Store:
+    """The store for ``url``. Unknown schemes and missing extras raise ConfigError.
+
+    ``app`` names the application (``local://`` without a path keeps one
+    directory per name, so two applications on one host stay apart).
+    """
     scheme = url.partition("://")[0].lower()
     try:
         module_name, class_name, extra = _BACKENDS[scheme]
@@ -49,6 +56,10 @@ def open_store(url: str, *, clock: Callable[[], float] = time.time) -> Store:
         from .memory import MemoryStore
 
         return MemoryStore(clock=clock)
+    if module_name == "local":
+        from .local import LocalStore
+
+        return LocalStore.from_url(url, clock=clock, app=app)
     try:
         module = importlib.import_module(f"{__name__}.{module_name}")
     except ImportError as exc:
