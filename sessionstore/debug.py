@@ -24,7 +24,7 @@ CAUSES = (
     "no-cookie", "bad-signature", "malformed-id", "unknown-id", "expired", "evicted",
     "invalidated", "route-changed", "relocated", "store-unavailable", "mutated-in-place",
     "concurrent-update", "lock-timeout", "serialization-error", "too-large",
-    "cookie-not-returned", "ignored", "corrupt-payload",
+    "cookie-not-returned", "ignored", "corrupt-payload", "node-id-collision",
 )
 
 

@@ -51,6 +51,7 @@ from .timeouts import IdleTimeouts
 from .tombstones import Tombstones
 from .index import SessionIndex, entry_ttl
 from .invalidation import InvalidationFeed, feed_kind
+from .node_lease import NodeLease
 
 __all__ = ["SessionManager", "CommitOutcome", "merge"]
 
@@ -105,8 +106,10 @@ class SessionManager:
         self._final_tombstones = Tombstones(self._shared, self.clock)
         self.index = SessionIndex(self._shared, self._prefix)
         self.feed: InvalidationFeed | None = None
+        self.lease: NodeLease | None = None
         if self._sticky is not None:
             self._start_feed()
+            self._start_lease()
         self.lock_policy = LockPolicy(settings.locking)
         self._renewer: LockRenewer | None = None
         if settings.locking != "none":
@@ -207,6 +210,12 @@ class SessionManager:
         # a manager dropped without close() stops listening (without blocking whoever collects it)
         weakref.finalize(self, self.feed.close, False)
 
+    def _start_lease(self) -> None:
+        self.lease = NodeLease(self._shared, self._sticky.local, self._prefix, self.node_id,  # type: ignore[arg-type]
+                               interval=self.settings.node_lease_interval, clock=self.clock)
+        self.lease.start()
+        weakref.finalize(self, self.lease.close)
+
     def _invalidated_elsewhere(self, session_ids: list[str], reason: str) -> None:
         """Another node destroyed (``invalidated``) or took over (``moved``) these sessions."""
         for session_id in session_ids:
@@ -233,6 +242,8 @@ class SessionManager:
         """Flush pending work (async backups) and close store connections."""
         if self.feed is not None:
             self.feed.close()
+        if self.lease is not None:
+            self.lease.close()
         if self._renewer is not None:
             self._renewer.close()
         self.store.close()
@@ -255,6 +266,8 @@ class SessionManager:
     def _load(self, session: Session) -> None:
         """First touch: verify the cookie, load from the store or start a new session."""
         record: RequestRecord = session._record
+        if self.lease is not None and self.lease.collided():
+            record.add("node-id-collision", node=self.node_id)
         session_id = self._verify(session._cookie, record)
         session._requested_id = session_id
         if session_id is not None:

@@ -37,7 +37,9 @@ class Settings:
     (``docs/settings.md``). The sticky-mode local cache bounds
     (``local_cache_sessions``, ``local_cache_bytes``), ``node_dir`` (where a
     sticky node keeps its node-wide copy; default: a directory on tmpfs named
-    after the application and the node id) and ``encryption_key`` (encrypt
+    after the application and the node id), ``node_lease_interval`` (seconds
+    between renewals of the node-id lease that finds two hosts using one
+    node_id) and ``encryption_key`` (encrypt
     stored sessions at rest; first key encrypts, all decrypt) are extensions.
     """
 
@@ -69,6 +71,7 @@ class Settings:
     local_cache_sessions: int = 10_000
     local_cache_bytes: int = 256 * 1024 * 1024
     node_dir: str | None = None
+    node_lease_interval: float = 30.0
 
     def __post_init__(self) -> None:
         for check in _CHECKS:
@@ -133,7 +136,7 @@ class Settings:
 # -- string parsing -------------------------------------------------------------
 
 _INT_FIELDS = {"max_inactive", "max_age", "max_size", "local_cache_sessions", "local_cache_bytes"}
-_FLOAT_FIELDS = {"lock_timeout", "lock_expiry"}
+_FLOAT_FIELDS = {"lock_timeout", "lock_expiry", "node_lease_interval"}
 _BOOL_FIELDS = {"cookie_httponly", "debug"}
 _OPTIONAL = {"node_dir", "node_id", "max_age", "cookie_domain", "secret_key", "ignore_pattern", "encryption_key"}
 _SAMESITE_TEXT = {"lax": "Lax", "strict": "Strict", "none": "None", "": None, "null": None, "off": None}
@@ -294,4 +297,5 @@ _CHECKS = (
     _typed("local_cache_sessions", (int,), minimum=1),
     _typed("local_cache_bytes", (int,), minimum=1024),
     _typed("node_dir", (str,), optional=True),
+    _typed("node_lease_interval", (int, float), minimum=0.5),
 )
