@@ -39,11 +39,34 @@ class StoreUnavailable(StoreError):
 
 
 class SerializationError(SessionStoreError, TypeError):
-    """A session attribute cannot be serialized. ``path`` names it, e.g. ``cart.items[2]``."""
+    """A session attribute cannot be serialized.
 
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"session attribute {path!r}: {message}")
-        self.path = path
+    The error carries only the attribute's name (the top-level session key),
+    the type of the offending object and a fixed description: never a nested
+    key, a value or a message derived from them. Those are session content,
+    and the error's text reaches logs, debug records and error responses.
+    """
+
+    def __init__(self, attribute: str, offending: type, description: str) -> None:
+        """``description`` is fixed text (e.g. ``"is not JSON-serializable"``), never built from data."""
+        self.attribute = attribute
+        self.type_name = _type_name(offending)
+        self.description = description
+        super().__init__(f"session attribute {attribute!r}: {self.type_name} {description}")
+
+    @property
+    def path(self) -> str:
+        """The attribute's name (formerly a path into its value, which could quote content)."""
+        return self.attribute
+
+
+def _type_name(kind: type) -> str:
+    """``module.QualifiedName`` of a type: what errors may say about a value."""
+    module = getattr(kind, "__module__", None)
+    qualname = getattr(kind, "__qualname__", None)
+    if not isinstance(qualname, str):
+        qualname = "<type>"
+    return f"{module}.{qualname}" if isinstance(module, str) else qualname
 
 
 class CorruptPayload(SessionStoreError):

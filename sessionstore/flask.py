@@ -368,7 +368,7 @@ class SessionStoreInterface(SessionInterface):
         status, cause, body = _failure(exc)
         session.record.add(cause, error=str(exc))
         if isinstance(exc, SerializationError):
-            session.record.details["attribute"] = exc.path
+            session.record.details["attribute"] = exc.attribute
         log = _log.warning if status != 500 else _log.error
         log("sessionstore: %s: %s (nothing of this request's session was saved)", cause, exc)
         response.status_code = status

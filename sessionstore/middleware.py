@@ -218,7 +218,7 @@ class _Response:
         status = f"{code} {HTTPStatus(code).phrase}"
         self.record.add(cause, error=str(exc))
         if isinstance(exc, SerializationError):
-            self.record.details["attribute"] = exc.path
+            self.record.details["attribute"] = exc.attribute
         log = _log.warning if cause in ("lock-timeout", "store-unavailable", "concurrent-update") else _log.error
         log("sessionstore: %s: %s (nothing of this request's session was saved)", cause, exc)
         headers = [*failure_headers(code), ("Content-Length", str(len(body)))]

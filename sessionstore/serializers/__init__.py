@@ -1,8 +1,9 @@
 """Serializers turn one session attribute's value into bytes and back.
 
-Every serializer offers ``dumps(value, path) -> bytes`` (raising
-:class:`~sessionstore.errors.SerializationError` naming the offending
-attribute path, e.g. ``cart.items[2]``) and ``loads(data) -> value`` (raising
+Every serializer offers ``dumps(value, attribute) -> bytes`` (raising
+:class:`~sessionstore.errors.SerializationError` that names the attribute
+and the type of the offending object, never a nested key or a value: those
+are session content) and ``loads(data) -> value`` (raising
 :class:`~sessionstore.errors.CorruptPayload`). Output is deterministic, so the
 bytes of an unchanged value compare equal: that is what dirty detection
 relies on.
@@ -20,7 +21,7 @@ __all__ = ["Serializer", "get_serializer"]
 class Serializer(Protocol):
     name: str
 
-    def dumps(self, value: Any, path: str) -> bytes: ...
+    def dumps(self, value: Any, attribute: str) -> bytes: ...
 
     def loads(self, data: bytes) -> Any: ...
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import ConfigError, CorruptPayload, SerializationError
 from .datetimes import datetime_from_text, datetime_to_text
-from .paths import find_unsupported
+from .unsupported import find_unsupported
 
 try:
     import msgpack
@@ -27,6 +27,12 @@ __all__ = ["MsgpackSerializer"]
 _TUPLE, _SET, _FROZENSET, _DATETIME, _DATE, _UUID, _DECIMAL, _BIGINT = range(1, 9)
 _NATIVE = {str, int, float, bool, type(None), bytes, list, dict}
 _EXT = {tuple, set, frozenset, dt.datetime, dt.date, uuid.UUID, Decimal}
+#: The description of each kind of :class:`~.unsupported.Offender` (fixed text, no content).
+_PROBLEMS = {
+    "value": "is not msgpack-serializable",
+    "dict key": "as a dict key is not msgpack-serializable",
+    "cycle": "contains a reference cycle",
+}
 
 
 def _pack(obj: Any) -> bytes:
@@ -90,15 +96,14 @@ class MsgpackSerializer:
         if msgpack is None:
             raise ConfigError("serializer", "msgpack is not installed: pip install 'sessionstore[msgpack]'")
 
-    def dumps(self, value: Any, path: str) -> bytes:
+    def dumps(self, value: Any, attribute: str) -> bytes:
         try:
             return _pack(value)
         except (TypeError, ValueError, OverflowError):
-            found = find_unsupported(value, path, lambda o: type(o) in _NATIVE or type(o) in _EXT)
-            where, obj = found if found else (path, value)
-            raise SerializationError(
-                where, f"{type(obj).__module__}.{type(obj).__qualname__} is not msgpack-serializable"
-            ) from None
+            found = find_unsupported(value, lambda o: type(o) in _NATIVE or type(o) in _EXT)
+            if found is None:
+                raise SerializationError(attribute, type(value), _PROBLEMS["value"]) from None
+            raise SerializationError(attribute, type(found.obj), _PROBLEMS[found.role]) from None
 
     def loads(self, data: bytes) -> Any:
         try:

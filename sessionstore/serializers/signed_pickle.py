@@ -15,11 +15,13 @@ import pickle
 from typing import Any
 
 from ..errors import ConfigError, CorruptPayload, SerializationError
-from .paths import find_unsupported
+from .unsupported import find_unsupported
 
 __all__ = ["SignedPickleSerializer"]
 
 _SIG = 32
+#: The description of each kind of :class:`~.unsupported.Offender` (fixed text, no content).
+_PROBLEMS = {"value": "cannot be pickled", "dict key": "as a dict key cannot be pickled"}
 
 
 def _picklable(obj: Any) -> bool:
@@ -42,13 +44,14 @@ class SignedPickleSerializer:
             hashlib.sha256(b"sessionstore.pickle\0" + k.encode("utf-8")).digest() for k in secret_keys
         ]
 
-    def dumps(self, value: Any, path: str) -> bytes:
+    def dumps(self, value: Any, attribute: str) -> bytes:
         try:
             data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:
-            found = find_unsupported(value, path, _picklable)
-            where = found[0] if found else path
-            raise SerializationError(where, f"cannot be pickled: {exc}") from None
+        except Exception:  # its message may quote the value: only its offender's type is told
+            found = find_unsupported(value, _picklable, cycles_ok=True)
+            offending = type(value) if found is None else type(found.obj)
+            role = "value" if found is None else found.role
+            raise SerializationError(attribute, offending, _PROBLEMS[role]) from None
         return hmac.digest(self._keys[0], data, "sha256") + data
 
     def loads(self, data: bytes) -> Any:

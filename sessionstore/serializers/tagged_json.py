@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import CorruptPayload, SerializationError
 from .datetimes import datetime_from_text, datetime_to_text
-from .paths import find_unsupported
+from .unsupported import find_unsupported
 
 __all__ = ["TaggedJSONSerializer"]
 
@@ -97,14 +97,14 @@ class TaggedJSONSerializer:
 
     name = "json"
 
-    def dumps(self, value: Any, path: str) -> bytes:
+    def dumps(self, value: Any, attribute: str) -> bytes:
         kind = type(value)
         if kind is str or kind is int or kind is bool or value is None:
             return _encoder.encode(value).encode("utf-8")
         try:
             return _encoder.encode(_tag(value)).encode("utf-8")
         except (TypeError, ValueError, RecursionError):
-            raise self._error(value, path) from None
+            raise self._error(value, attribute) from None
 
     def loads(self, data: bytes) -> Any:
         try:
@@ -113,18 +113,19 @@ class TaggedJSONSerializer:
             raise CorruptPayload(f"undecodable JSON attribute: {exc}") from None
 
     @staticmethod
-    def _error(value: Any, path: str) -> SerializationError:
-        found = find_unsupported(value, path, lambda o: type(o) in _EXACT)
+    def _error(value: Any, attribute: str) -> SerializationError:
+        found = find_unsupported(value, lambda o: type(o) in _EXACT)
         if found is None:
-            return SerializationError(path, "cannot be serialized as JSON")
-        where, obj = found
-        if isinstance(obj, (dict, list, tuple, set, frozenset)) and type(obj) in _EXACT:
-            return SerializationError(where, "contains a reference cycle")
-        return SerializationError(
-            where, f"{type(obj).__module__}.{type(obj).__qualname__} is not JSON-serializable "
-            "(supported: str, int, float, bool, None, bytes, list, tuple, dict, set, frozenset, "
-            "datetime, date, UUID, Decimal; or use serializer='pickle')"
-        )
+            return SerializationError(attribute, type(value), "cannot be serialized as JSON")
+        return SerializationError(attribute, type(found.obj), _PROBLEMS[found.role])
 
 
+_SUPPORTED_NAMES = ("str, int, float, bool, None, bytes, list, tuple, dict, set, frozenset, "
+                    "datetime, date, UUID, Decimal")
+#: The description of each kind of :class:`~.unsupported.Offender` (fixed text, no content).
+_PROBLEMS = {
+    "value": f"is not JSON-serializable (supported: {_SUPPORTED_NAMES}; or use serializer='pickle')",
+    "dict key": f"as a dict key is not JSON-serializable (supported: {_SUPPORTED_NAMES})",
+    "cycle": "contains a reference cycle",
+}
 _EXACT = {str, int, float, bool, type(None), bytes, tuple, list, dict, set, frozenset, dt.datetime, dt.date, uuid.UUID, Decimal}

@@ -1,0 +1,131 @@
+"""Issue 14 B: session content never reaches a log line, a debug record or a response.
+
+A value that cannot be saved is reported by its attribute (the top-level
+session key), the type of the offending object and a fixed description.
+Nested keys and values are content: each scenario below hides a distinct
+``SECRET-...`` marker in them, runs real requests through the middleware
+(debug on) with every logger captured at DEBUG, and looks for ``SECRET``
+everywhere the request left text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Callable
+
+import pytest
+
+from sessionstore import SessionMiddleware, get_session
+
+from .helpers import CountingMemoryStore, FakeClock, ServerClient, install_store, json_app
+
+SERIALIZERS = ["json", "msgpack", "pickle"]
+_FORMAT = logging.Formatter("%(name)s %(levelname)s %(message)s")
+
+
+class Leaky:
+    """A value no serializer takes, whose every text form is a secret."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    def __repr__(self) -> str:
+        return self.secret
+
+    __str__ = __repr__
+
+    def __reduce__(self):  # pickle's error would quote it
+        raise TypeError(f"cannot pickle {self.secret}")
+
+
+def _cycle() -> dict:
+    inner: list = []
+    looped = {"SECRET-cycle-key": inner}
+    inner.extend([looped, Leaky("SECRET-cycle-value")])
+    return looped
+
+
+#: name -> (attribute, value): secrets in nested keys and values, never in the attribute name.
+SCENARIOS: dict[str, tuple[str, Callable[[], Any]]] = {
+    "nested key over a bad value": ("profile", lambda: {"SECRET-abc123": Leaky("SECRET-value")}),
+    "identifier nested key": ("cart", lambda: {"SECRET_ident": {"items": [1, Leaky("SECRET-deep")]}}),
+    "tuple key": ("prefs", lambda: {("SECRET-tuple-key", 7): Leaky("SECRET-under-tuple")}),
+    "bad object as a key": ("prefs", lambda: {Leaky("SECRET-key-object"): 1}),
+    "bad object inside a tuple key": ("prefs", lambda: {("ok", Leaky("SECRET-in-key")): 1}),
+    "set of custom objects": ("tags", lambda: {Leaky("SECRET-set-1"), Leaky("SECRET-set-2")}),
+    "value whose repr is a secret": ("obj", lambda: Leaky("SECRET-repr")),
+    "cycle under a secret key": ("graph", _cycle),
+}
+
+
+@pytest.fixture(params=SERIALIZERS)
+def serializer(request) -> str:
+    return request.param
+
+
+def _middleware(app: Callable, serializer: str) -> SessionMiddleware:
+    clock = FakeClock()
+    mw = SessionMiddleware(app, clock=clock, secret_key="k", serializer=serializer, debug=True)
+    install_store(mw, CountingMemoryStore(clock=clock))
+    return mw
+
+
+def _texts(response, caplog) -> list[str]:
+    """Every text the request left: each log record in full (traceback included), the response's
+    headers (X-Session-Debug among them) and its body."""
+    logged = [_FORMAT.format(record) for record in caplog.records]
+    headers = [f"{name}: {value}" for name, value in response.headers.items()]
+    return [*logged, *headers, response.get_data(as_text=True)]
+
+
+def _debug_record(caplog) -> dict:
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "sessionstore.debug"]
+    return json.loads(line)
+
+
+def _assert_no_secret(texts: list[str]) -> None:
+    leaks = [text for text in texts if "SECRET" in text]
+    assert not leaks, leaks
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_a_value_that_cannot_be_saved_leaves_no_content_anywhere(serializer, scenario, caplog):
+    attribute, make_value = SCENARIOS[scenario]
+
+    def save(session, environ):
+        session["user"] = "alice"
+        session[attribute] = make_value()
+        return "ok"
+
+    mw = _middleware(json_app({"/save": save}), serializer)
+    with caplog.at_level(logging.DEBUG):  # the root logger: every logger propagates to it
+        response = ServerClient(mw).get("/save")
+    assert response.status_code == 500  # the save did fail: the check below is not vacuous
+    record = _debug_record(caplog)
+    assert record["causes"] == ["no-cookie", "serialization-error"] and record["attribute"] == attribute
+    assert record["error"].startswith(f"session attribute {attribute!r}: ")
+    assert "Leaky" in record["error"] or "builtins." in record["error"]  # the offending type is named
+    assert response.headers["X-Session-Debug"] == "source=new; causes=no-cookie,serialization-error; saved=0"
+    assert any(r.levelno == logging.ERROR and attribute in r.getMessage() for r in caplog.records)
+    _assert_no_secret(_texts(response, caplog))
+
+
+def test_a_change_made_while_streaming_leaves_no_content_in_the_log(serializer, caplog):
+    """The late commit (the body already started) fails in a log line only; it holds no content."""
+
+    def app(environ, start_response):
+        session = get_session(environ)
+        session["user"] = "alice"
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"first "
+        session["profile"] = {"SECRET-late-key": Leaky("SECRET-late-value")}
+        yield b"second"
+
+    mw = _middleware(app, serializer)
+    with caplog.at_level(logging.DEBUG):
+        response = ServerClient(mw).get("/")
+    assert response.get_data() == b"first second"
+    late = [r.getMessage() for r in caplog.records if "while streaming failed" in r.getMessage()]
+    assert late and "session attribute 'profile': " in late[0]
+    _assert_no_secret(_texts(response, caplog))
