@@ -70,7 +70,11 @@ def _type_name(kind: type) -> str:
 
 
 class CorruptPayload(SessionStoreError):
-    """Stored data could not be decoded (truncated, foreign, bad signature)."""
+    """Stored data could not be decoded (truncated, foreign, bad signature).
+
+    The message says what failed and names the decoding error's type, never
+    its text: that quotes the stored bytes, which are session content.
+    """
 
 
 class SessionTooLarge(SessionStoreError):

@@ -140,7 +140,7 @@ class Payload:
                 entries = [(str(n), at + int(o), at + int(o) + int(ln), (int(g), int(li)))
                            for n, o, ln, g, li in rows]
             except (ValueError, TypeError) as exc:
-                raise CorruptPayload(f"bad attribute index: {exc}") from None
+                raise CorruptPayload(f"bad attribute index ({type(exc).__name__})") from None
             if any(end > size for _, _, end, _ in entries):
                 raise CorruptPayload("an attribute runs past the end of the payload")
             self._entries = entries
@@ -194,7 +194,7 @@ def decode(data: bytes) -> Payload:
                     float(head.get("t", 0.0)))
         total = int(head["b"])
     except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CorruptPayload(f"bad payload header: {exc}") from None
+        raise CorruptPayload(f"bad payload header ({type(exc).__name__})") from None
     if blobs_at + total != len(data) or not isinstance(meta.index, dict):
         raise CorruptPayload(f"payload length mismatch ({blobs_at + total} != {len(data)})")
     index = data[index_start:blobs_at]

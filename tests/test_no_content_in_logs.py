@@ -16,7 +16,9 @@ from typing import Any, Callable
 
 import pytest
 
-from sessionstore import SessionMiddleware, get_session
+from sessionstore import CorruptPayload, SessionMiddleware, get_session
+from sessionstore.payload import Meta, encode
+from sessionstore.serializers import get_serializer
 
 from .helpers import CountingMemoryStore, FakeClock, ServerClient, install_store, json_app
 
@@ -129,3 +131,51 @@ def test_a_change_made_while_streaming_leaves_no_content_in_the_log(serializer, 
     late = [r.getMessage() for r in caplog.records if "while streaming failed" in r.getMessage()]
     assert late and "session attribute 'profile': " in late[0]
     _assert_no_secret(_texts(response, caplog))
+
+
+def test_a_corrupt_stored_record_leaves_no_content_anywhere(caplog):
+    """A stored header with text where a number belongs (``corrupt-payload``): the decoding
+    error's message would quote it."""
+
+    def login(session, environ):
+        session["user"] = "alice"
+        return session.id
+
+    mw = _middleware(json_app({"/login": login, "/show": lambda s, e: {"new": s.is_new}}), "json")
+    client = ServerClient(mw)
+    session_id = client.get("/login").json
+    corrupt = encode(Meta("SECRET-header", 1.0, 60, "json"), [("user", b'"alice"', (1, 1))])  # type: ignore[arg-type]
+    mw.manager.store.save(mw.manager.key(session_id), corrupt, 60)
+    with caplog.at_level(logging.DEBUG):
+        response = client.get("/show")
+    assert response.json == {"new": True}
+    record = _debug_record(caplog)
+    assert record["causes"] == ["corrupt-payload"] and record["error"].startswith("bad payload header")
+    _assert_no_secret(_texts(response, caplog))
+
+
+class RefusesToUnpickle:
+    """Pickles fine; unpickling it raises an error quoting a secret."""
+
+    def __setstate__(self, state):
+        raise ValueError("bad state SECRET-unpickled")
+
+
+def _undecodable(serializer: str) -> bytes:
+    """A blob of ``serializer`` whose decoding fails with an error quoting a secret."""
+    if serializer == "json":
+        return b'{" D": "SECRET-date"}'  # "Invalid isoformat string: 'SECRET-date'"
+    if serializer == "msgpack":
+        import msgpack
+
+        return msgpack.packb(msgpack.ExtType(5, b"SECRET-date"))  # the date extension
+    thing = RefusesToUnpickle()
+    thing.__dict__["x"] = 1  # a state, so that __setstate__ runs
+    return get_serializer("pickle", ["k"]).dumps(thing, "thing")
+
+
+def test_an_undecodable_attribute_is_reported_without_its_bytes(serializer):
+    reader = get_serializer(serializer, ["k"])
+    with pytest.raises(CorruptPayload) as info:
+        reader.loads(_undecodable(serializer))
+    assert str(info.value).endswith("attribute (ValueError)") and "SECRET" not in str(info.value)

@@ -109,4 +109,4 @@ class MsgpackSerializer:
         try:
             return _unpack(data)
         except Exception as exc:  # msgpack raises a variety of errors on garbage
-            raise CorruptPayload(f"undecodable msgpack attribute: {exc}") from None
+            raise CorruptPayload(f"undecodable msgpack attribute ({type(exc).__name__})") from None

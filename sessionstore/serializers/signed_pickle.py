@@ -63,4 +63,4 @@ class SignedPickleSerializer:
         try:
             return pickle.loads(body)
         except Exception as exc:
-            raise CorruptPayload(f"unpicklable attribute: {exc}") from None
+            raise CorruptPayload(f"unpicklable attribute ({type(exc).__name__})") from None

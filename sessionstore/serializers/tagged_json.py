@@ -110,7 +110,7 @@ class TaggedJSONSerializer:
         try:
             return _decoder(data.decode("utf-8"))
         except (ValueError, TypeError, KeyError) as exc:
-            raise CorruptPayload(f"undecodable JSON attribute: {exc}") from None
+            raise CorruptPayload(f"undecodable JSON attribute ({type(exc).__name__})") from None
 
     @staticmethod
     def _error(value: Any, attribute: str) -> SerializationError:
