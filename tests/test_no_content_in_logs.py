@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from typing import Any, Callable
 
 import pytest
@@ -179,3 +180,32 @@ def test_an_undecodable_attribute_is_reported_without_its_bytes(serializer):
     with pytest.raises(CorruptPayload) as info:
         reader.loads(_undecodable(serializer))
     assert str(info.value).endswith("attribute (ValueError)") and "SECRET" not in str(info.value)
+
+
+def test_a_store_failure_quotes_no_statement_parameters(tmp_path, caplog):
+    """SQLAlchemy's error text lists the statement's parameters: the session key (so the
+    session id, which logs may only show hashed) and the payload. Neither may be logged."""
+
+    def write(session, environ):
+        session["note"] = "SECRET-note"
+        return session.id
+
+    url = f"sqlite:///{tmp_path}/sessions.db?timeout=0&cleanup_interval=0"  # timeout=0: fail at once
+    mw = SessionMiddleware(json_app({"/write": write}), store=url, secret_key="k", debug=True)
+    client = ServerClient(mw)
+    random_part = client.get("/write").json.split(".")[0]
+    blocker = sqlite3.connect(f"{tmp_path}/sessions.db", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # every write now fails: "database is locked"
+    try:
+        with caplog.at_level(logging.DEBUG):
+            response = client.get("/write")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        mw.manager.close()
+    assert response.status_code == 503
+    record = _debug_record(caplog)
+    assert "store-unavailable" in record["causes"] and "database is locked" in record["error"]
+    texts = _texts(response, caplog)
+    assert not [text for text in texts if random_part in text]
+    _assert_no_secret(texts)

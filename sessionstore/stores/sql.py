@@ -313,12 +313,15 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def create_store_engine(url: URL, pool_size: int | None = None) -> Engine:
-    """A pooled engine whose connections are in autocommit mode.
+    """A pooled engine whose connections are in autocommit mode, and whose errors and logs
+    never show statement parameters (session keys and payloads).
 
     Autocommit saves the BEGIN/COMMIT round trips of one-statement operations;
     the few multi-statement ones open their transaction explicitly.
     """
-    kwargs: dict[str, Any] = {"isolation_level": "AUTOCOMMIT", "skip_autocommit_rollback": True}
+    # hide_parameters: the errors that propagate (and SQL echo) never show session keys or payloads
+    kwargs: dict[str, Any] = {"isolation_level": "AUTOCOMMIT", "skip_autocommit_rollback": True,
+                              "hide_parameters": True}
     if pool_size is not None:
         kwargs["pool_size"] = pool_size
     if url.get_backend_name() == "sqlite":
@@ -418,8 +421,12 @@ class SQLStore:
     # -- plumbing ----------------------------------------------------------
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        """The error to raise for ``exc``. It quotes the driver's own error only: SQLAlchemy's text
+        adds the statement's parameters (session keys, so ids, and payloads), and the message
+        reaches logs and debug records."""
         where = self._engine.url.render_as_string(hide_password=True)
-        return StoreUnavailable(f"SQL store {where}: {exc}")
+        cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
+        return StoreUnavailable(f"SQL store {where}: {type(cause).__name__}: {cause}")
 
     @contextmanager
     def _connect(self) -> Iterator[Connection]:
