@@ -80,8 +80,8 @@ class SessionState:
     def changes(self, dumps: Callable[[Any, str], bytes]) -> Changes:
         """Serialize the touched attributes and diff them against what was loaded.
 
-        Raises :class:`~sessionstore.errors.SerializationError` naming the path
-        of a value that cannot be serialized.
+        Raises :class:`~sessionstore.errors.SerializationError` naming the
+        attribute whose value cannot be serialized (and the offending type).
         """
         changes = Changes(removed=set(self.removed))
         payload = self.payload
