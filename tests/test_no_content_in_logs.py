@@ -5,7 +5,10 @@ session key), the type of the offending object and a fixed description.
 Nested keys and values are content: each scenario below hides a distinct
 ``SECRET-...`` marker in them, runs real requests through the middleware
 (debug on) with every logger captured at DEBUG, and looks for ``SECRET``
-everywhere the request left text.
+everywhere the request left text. The same holds for a save failing while
+the body streams, for the Flask integration, for stored data that fails to
+decode, and for a store failure (whose driver error would list the session
+key and payload).
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ import logging
 import sqlite3
 from typing import Any, Callable
 
+import msgpack
 import pytest
+from flask import Flask, session
 
 from sessionstore import CorruptPayload, SessionMiddleware, get_session
+from sessionstore.flask import SessionStore
 from sessionstore.payload import Meta, encode
 from sessionstore.serializers import get_serializer
 
@@ -167,8 +173,6 @@ def _undecodable(serializer: str) -> bytes:
     if serializer == "json":
         return b'{" D": "SECRET-date"}'  # "Invalid isoformat string: 'SECRET-date'"
     if serializer == "msgpack":
-        import msgpack
-
         return msgpack.packb(msgpack.ExtType(5, b"SECRET-date"))  # the date extension
     thing = RefusesToUnpickle()
     thing.__dict__["x"] = 1  # a state, so that __setstate__ runs
@@ -209,3 +213,23 @@ def test_a_store_failure_quotes_no_statement_parameters(tmp_path, caplog):
     texts = _texts(response, caplog)
     assert not [text for text in texts if random_part in text]
     _assert_no_secret(texts)
+
+
+def test_the_flask_integration_leaves_no_content_anywhere(serializer, caplog):
+    """Flask answers a failed save itself (``save_failed``), from the same error."""
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="k", SESSIONSTORE_STORE="memory://", SESSIONSTORE_DEBUG=True,
+                      SESSIONSTORE_SERIALIZER=serializer)
+    SessionStore(app)
+
+    @app.get("/save")
+    def save():
+        session["profile"] = {"SECRET-flask-key": Leaky("SECRET-flask-value")}
+        return "never sent"
+
+    with caplog.at_level(logging.DEBUG):
+        response = app.test_client().get("/save")
+    assert response.status_code == 500 and response.text == "Session could not be saved.\n"
+    record = _debug_record(caplog)
+    assert record["attribute"] == "profile" and "serialization-error" in record["causes"]
+    _assert_no_secret(_texts(response, caplog))
