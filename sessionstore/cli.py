@@ -149,7 +149,7 @@ def run_inspect(args: argparse.Namespace) -> int:
                                    "inspect needs a shared store (redis://, memcached://, SQL)")
     secret_keys = diagnose.env_keys(args.secret_key, "SESSIONSTORE_SECRET_KEY")
     reading = diagnose.read_cookie_value(args.session, secret_keys)
-    store = open_store(url)
+    store = open_store(url, app=diagnose.app_identity({"key_prefix": args.key_prefix}))
     try:
         found = diagnose.inspect_session(
             store, reading.session_id, key_prefix=args.key_prefix, store_name=diagnose.redact(url),

@@ -497,7 +497,7 @@ def run_doctor(url: str, settings: Mapping[str, str] | None = None, *, rounds: i
     """
     from .stores import open_store
 
-    store = open_store(url)
+    store = open_store(url, app=app_identity(settings))
     try:
         checks = _probe(store, rounds)
         if checks[0].level != "FAIL":
@@ -545,6 +545,10 @@ def _server_checks(store: Store, url: str) -> list[Check]:
     if kind == "memory":
         return [Check("WARN", "store", "memory:// lives inside one process: the CLI sees its own, empty "
                                        "memory, and several workers or nodes never share sessions")]
+    if kind == "LocalStore":
+        local = _base_store(store)
+        return [Check("OK", "store", f"local store in {local.path}: {len(local)} session(s), "
+                                     f"{_mb(local.file_bytes())} of memory, shared by every process of this host")]
     return [Check("INFO", "server", f"server checks exist for Redis and memcached; none for the {kind} store")]
 
 
@@ -739,7 +743,45 @@ def _config_checks(url: str, given: Mapping[str, str] | None, store: Store, reac
     if not reachable:  # connectivity already failed; do not say it twice
         warnings = [w for w in warnings if not w.startswith("the store ")]
     checks = [Check("WARN", "config", message) for message in warnings]
+    if reachable and settings.sticky:
+        checks += [_node_lease_check(settings, store)]
     return checks or [Check("OK", "config", f"{len(given)} setting(s) checked, nothing to warn about")]
+
+
+def app_identity(given: Mapping[str, str] | None) -> tuple[str, ...]:
+    """The application ``local://`` is named after (the settings given, or the defaults)."""
+    try:
+        return Settings.from_mapping(dict(given or {}), prefix="").app_identity()
+    except ConfigError:
+        return Settings().app_identity()
+
+
+def _node_lease_check(settings: Settings, store: Store) -> Check:
+    """Is this node's id leased by this host, by another one, or by two (``node-id-collision``)?"""
+    from .node_lease import lease_key, read_lease
+    from .sticky import node_directory
+    from .stores.local import LocalStore
+
+    node, lease = settings.node_id, read_lease(store, settings.key_prefix, settings.node_id or "")
+    directory = node_directory(settings)
+    local = LocalStore(directory, counted=False) if (directory / "data.mdb").exists() else None
+    key = lease_key(settings.key_prefix, node or "")
+    host_record = None if local is None else local.load(companion_key(key, "host"))
+    host = None if host_record is None else host_record.data.decode()
+    if local is not None and local.load(companion_key(key, "collision")) is not None:
+        return Check("FAIL", "node id", f"node_id {node!r} is used by two hosts (node-id-collision): give each "
+                                        "host its own node_id")
+    if lease is None:
+        return Check("INFO", "node id", f"no node holds the lease of node_id {node!r} (none running, or it "
+                                        "started less than node_lease_interval ago)")
+    if host is None:
+        return Check("INFO", "node id", f"node_id {node!r} is leased by a host; this host runs no node "
+                                        f"{node!r} (no node copy in {directory})")
+    if lease["h"] == host:
+        return Check("OK", "node id", f"this host holds the lease of node_id {node!r}")
+    return Check("WARN", "node id", f"node_id {node!r} is leased by another host while this host has a node "
+                                    "copy for it: two hosts share the id, or this host's node stopped and "
+                                    "another took the id over")
 
 
 def render_checks(checks: list[Check]) -> list[str]:

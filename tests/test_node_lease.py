@@ -69,3 +69,24 @@ def test_a_host_that_went_away_is_not_a_collision(redis_server, tmp_path):
         assert not rebooted.manager.lease.collided()
     finally:
         rebooted.manager.close()
+
+
+def test_doctor_reports_the_lease_and_a_collision(redis_server, tmp_path):
+    from sessionstore.diagnose import run_doctor
+
+    prefix = f"lease{uuid.uuid4().hex[:8]}:"
+    first = _node(redis_server, tmp_path, "host-a", prefix)
+    given = {"mode": "sticky", "node_id": "n1", "node_dir": str(tmp_path / "host-a"), "key_prefix": prefix,
+             "secret_key": "lease-secret"}
+    second = None
+    try:
+        checks = {c.name: c for c in run_doctor(redis_server.url, given)}
+        assert checks["node id"].level == "OK" and "holds the lease" in checks["node id"].message
+        second = _node(redis_server, tmp_path, "host-b", prefix)
+        assert _wait(lambda: first.manager.lease.collided())
+        checks = {c.name: c for c in run_doctor(redis_server.url, given)}
+        assert checks["node id"].level == "FAIL" and "node-id-collision" in checks["node id"].message
+    finally:
+        first.manager.close()
+        if second is not None:
+            second.manager.close()
