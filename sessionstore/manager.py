@@ -207,8 +207,12 @@ class SessionManager:
         self.feed = InvalidationFeed(self._shared, f"{self._prefix}inv", self.node_id,  # type: ignore[arg-type]
                                      self._invalidated_elsewhere, self._feed_lost)
         self.feed.start()
+        self._listening = threading.Event()
+        if self._sticky.listen(self._listening):  # the whole node was down: messages may be lost
+            self._feed_lost()
         # a manager dropped without close() stops listening (without blocking whoever collects it)
         weakref.finalize(self, self.feed.close, False)
+        weakref.finalize(self, self._listening.set)
 
     def _start_lease(self) -> None:
         self.lease = NodeLease(self._shared, self._sticky.local, self._prefix, self.node_id,  # type: ignore[arg-type]
@@ -242,6 +246,7 @@ class SessionManager:
         """Flush pending work (async backups) and close store connections."""
         if self.feed is not None:
             self.feed.close()
+            self._listening.set()
         if self.lease is not None:
             self.lease.close()
         if self._renewer is not None:

@@ -71,6 +71,9 @@ _FINAL_STATES = ("invalidated", "expired", "replaced")
 _LEASE_EXPIRY = 5.0
 # node-copy companions: the id is over; the backup's deadline and the version it holds; the lease
 _GONE, _BACKED, _LEASE = "gone", "bk", "bkl"
+#: Seconds between two "a worker of this node is listening to the feed" beats.
+LISTENING_BEAT = 0.5
+_LISTENING_KEY = "sessionstore:{node}:listening"
 _BACKED_FORMAT = struct.Struct("<dQ")
 
 
@@ -134,6 +137,28 @@ class StickyStore:
             except StoreError as exc:  # the destroyer deleted it; only a racing write could be left
                 _log.warning("sessionstore: could not delete a destroyed session's backup again: %s", exc)
         return held or bool(queued)
+
+    def listen(self, stop: threading.Event) -> bool:
+        """This process listens to the feed from now on: beat until ``stop``; whether the node had a gap.
+
+        If no worker of the node was listening a moment ago (the whole node
+        was down), messages may have been missed while the node copy
+        survived: the caller then suspects every session held here.
+        """
+        gap = self.local.load(_LISTENING_KEY) is None
+        self._beat()
+        threading.Thread(target=self._beating, args=(stop,), name="sessionstore-listening", daemon=True).start()
+        return gap
+
+    def _beat(self) -> None:
+        self.local.save(_LISTENING_KEY, b"", max(1, math.ceil(3 * LISTENING_BEAT)))
+
+    def _beating(self, stop: threading.Event) -> None:
+        while not stop.wait(LISTENING_BEAT):
+            try:
+                self._beat()
+            except Exception:  # the node copy went away (tests): stop quietly
+                return
 
     def suspect_all(self) -> int:
         """Invalidations may have been missed: check each session held here on its next use."""

@@ -222,3 +222,28 @@ def test_unknown_route_with_nothing_in_store_is_a_new_session(node):
     client.set_cookie("session", n1.manager.signer.sign(new_id("n9")))
     response = client.get("/read")
     assert response.json["n"] is None and "unknown-id" in response.headers["X-Session-Debug"]
+
+
+def test_a_node_that_was_down_checks_its_surviving_copies(node, clock):
+    """The node copy outlives the node's processes; what the feed said meanwhile did not reach it."""
+    n1, n2 = node("n1"), node("n2")
+    c1 = Client(n1)
+    c1.get("/inc")
+    n1.manager.close()  # every worker of n1 stops: nobody listens to the feed
+    clock.advance(10)
+    moved_away = move(c1, n2)
+    assert moved_away.get("/inc").json["n"] == 2  # failover: n2 owns it now, told n1 (nobody heard)
+    restarted = node("n1")  # n1 starts again on the same host: its node copy still holds the old id
+    replay = move(c1, restarted).get("/read")
+    assert replay.json["n"] is None, "the restarted node served a session that moved away meanwhile"
+
+
+def test_a_recycled_worker_does_not_suspect_its_node_copy(node, shared):
+    n1 = node("n1")
+    client = Client(n1)
+    client.get("/inc")
+    recycled = node("n1")  # another worker of n1 is still listening
+    before = shared.total
+    response = move(client, recycled).get("/read")
+    assert response.json["n"] == 1 and "source=local" in response.headers["X-Session-Debug"]
+    assert shared.total == before
