@@ -72,6 +72,8 @@ class ServerProcess:
     port: int
     workdir: Path | None = None
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    #: the child's environment (None: this process's)
+    env: dict[str, str] | None = field(default=None, repr=False)
 
     def start(self, timeout: float = 10.0) -> "ServerProcess":
         if self.workdir:
@@ -85,6 +87,7 @@ class ServerProcess:
             cwd=self.workdir,
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=self.env,
             start_new_session=True,
             preexec_fn=die_with_parent,
         )
