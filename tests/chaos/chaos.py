@@ -7,8 +7,8 @@
 
 Per mode × store, everything real and on loopback:
 
-* three app nodes (:mod:`tests.chaos.node`, werkzeug threaded, separate
-  processes) behind :class:`~sessionstore.balancer.Balancer` (round robin,
+* three app nodes (:mod:`tests.chaos.node`, each ``gunicorn -w 2``: two worker
+  processes sharing the node's copy of each session) behind :class:`~sessionstore.balancer.Balancer` (round robin,
   failover on refused connections, sticky routes by the cookie's ``.<node>``);
 * Redis with ``--appendonly yes --appendfsync always`` in the run's temporary
   directory (a Redis without persistence loses every session when it restarts;
@@ -19,11 +19,13 @@ Per mode × store, everything real and on loopback:
 
 The scripted faults (times are fractions of ``--seconds``; see :func:`timeline`)::
 
-    0.15  kill -9 app node n1          (restarted 3 s later, empty)
+    0.15  kill -9 app node n1          (master and workers; restarted 3 s later,
+                                        its node copy survived)
     0.40  redis:     kill -9 redis-server, restarted 1.5 s later from its AOF
           memcached: kill -9 one ring node, left dead
                      (``--memcached-restart S``: restarted empty S seconds later)
-    0.70  kill -9 app node n2          (restarted 3 s later, empty)
+    0.27  kill -9 one gunicorn worker of n3 (its master starts another)
+    0.70  kill -9 app node n2          (likewise)
 
 Accounting, per user: a ``200`` answer to ``/inc`` is *acknowledged* (it
 carries the new value); any other answer, or a broken connection, is *in
@@ -75,6 +77,8 @@ ROOT = Path(__file__).resolve().parents[2]
 COOKIE = "session"
 HOST = "127.0.0.1"
 NODE_IDS = ("n1", "n2", "n3")
+#: Worker processes per app node (they share the node's copy of each session).
+WORKERS = 2
 #: Not behind the balancer: reads the sticky sessions' store copies at the end.
 CHECK_NODE = "n9"
 #: How long a killed app node stays down before it is restarted.
@@ -100,6 +104,9 @@ class ChaosProcess(ServerProcess):
     name: str = ""
     cwd: Path | None = None
     starts: int = 0
+    env: dict[str, str] | None = None
+    #: signals go to the whole process group (a gunicorn master and its workers)
+    group: bool = False
 
     def spawn(self) -> "ChaosProcess":
         """Start the process without waiting for its port (see :meth:`ready`)."""
@@ -108,6 +115,7 @@ class ChaosProcess(ServerProcess):
             self.proc = subprocess.Popen(
                 self.argv, cwd=self.cwd or self.workdir, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=die_with_parent,
+                env=None if self.env is None else {**os.environ, **self.env},
             )
         self.starts += 1
         with _live_guard:
@@ -135,6 +143,23 @@ class ChaosProcess(ServerProcess):
         super().stop()
         with _live_guard:
             _live.pop(id(self), None)
+
+    def _signal(self, sig: int) -> None:
+        if not self.group or self.proc is None or self.proc.poll() is not None:
+            return super()._signal(sig)
+        os.killpg(self.proc.pid, sig)  # workers die with their master, as when a host goes down
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def workers(self) -> list[int]:
+        """Pids of the processes this one forked (gunicorn workers)."""
+        if self.proc is None:
+            return []
+        found = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in found.split()]
 
 
 def _stop_all(processes: list[ChaosProcess]) -> None:
@@ -173,11 +198,15 @@ def _memcached_process(workdir: Path, index: int) -> ChaosProcess:
     return ChaosProcess(argv, port, workdir, name=f"memcached{index}")
 
 
-def _node_process(workdir: Path, node_id: str, mode: str, store_url: str, secret: str, backup: str) -> ChaosProcess:
+def _node_process(workdir: Path, node_id: str, mode: str, store_url: str, secret: str, backup: str,
+                  workers: int = WORKERS) -> ChaosProcess:
+    """An app node: ``gunicorn -w workers`` sharing one node copy (in ``workdir``: one host per run)."""
     port = free_port()
-    argv = [sys.executable, "-m", "tests.chaos.node", "--port", str(port), "--node-id", node_id, "--mode", mode,
-            "--store", store_url, "--backup", backup, f"--secret={secret}"]
-    return ChaosProcess(argv, port, workdir, name=f"node-{node_id}", cwd=ROOT)
+    env = {"CHAOS_NODE_ID": node_id, "CHAOS_MODE": mode, "CHAOS_STORE": store_url, "CHAOS_SECRET": secret,
+           "CHAOS_BACKUP": backup, "CHAOS_NODE_DIR": str(workdir / f"node-copy-{node_id}")}
+    argv = [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"{HOST}:{port}", "--graceful-timeout", "2",
+            "--log-level", "warning", "tests.chaos.node:from_environment()"]
+    return ChaosProcess(argv, port, workdir, name=f"node-{node_id}", cwd=ROOT, env=env, group=True)
 
 
 def _wait_redis_ready(port: int, timeout: float = 10.0) -> None:
@@ -553,6 +582,7 @@ def run_scenario(scenario: Scenario, workdir: Path, log: Callable[[str], None] =
         # -- the faults
         first, store_fault, second = timeline(scenario.seconds)
         events = _node_fault(nodes["n1"], first) + _node_fault(nodes["n2"], second)
+        events.append(Event((first + store_fault) / 2, "kill -9 one gunicorn worker of n3", _worker_killer(nodes["n3"])))
         if redis_proc is not None:
             events.append(Event(store_fault, "kill -9 redis-server", _killer(redis_proc)))
             events.append(Event(store_fault + REDIS_DOWNTIME, "restart redis-server (AOF, same port)",
@@ -617,7 +647,7 @@ def run_scenario(scenario: Scenario, workdir: Path, log: Callable[[str], None] =
 def _node_fault(node: ChaosProcess, at: float) -> list[Event]:
     nid = node.name.removeprefix("node-")
     return [Event(at, f"kill -9 app node {nid}", _killer(node)),
-            Event(at + NODE_DOWNTIME, f"restart app node {nid} (empty memory)", lambda: _restart(node))]
+            Event(at + NODE_DOWNTIME, f"restart app node {nid} (its node copy survived)", lambda: _restart(node))]
 
 
 def _killer(process: ChaosProcess) -> Callable[[], str]:
@@ -625,6 +655,16 @@ def _killer(process: ChaosProcess) -> Callable[[], str]:
         pid = process.pid
         process.kill()
         return f"pid {pid}"
+    return kill
+
+
+def _worker_killer(node: ChaosProcess) -> Callable[[], str]:
+    def kill() -> str:
+        workers = node.workers()
+        if not workers:
+            raise RuntimeError(f"{node.name} has no worker to kill")
+        os.kill(workers[0], signal.SIGKILL)  # its master starts another one
+        return f"pid {workers[0]}"
     return kill
 
 

@@ -1,6 +1,8 @@
 """One app node of the chaos run, sticky or non-sticky, as a process of its own.
 
-A small JSON app behind :class:`~sessionstore.SessionMiddleware` (``debug=True``,
+Served by ``gunicorn -w N`` (several worker processes sharing the node
+copy, as in production) through :func:`from_environment`, or by one
+threaded werkzeug process through :func:`main`. A small JSON app behind :class:`~sessionstore.SessionMiddleware` (``debug=True``,
 so every response carries ``X-Session-Debug``), served by werkzeug's threaded
 server::
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -74,12 +77,23 @@ def _json(start_response: Callable, body: dict[str, Any], status: str = "200 OK"
     return [data]
 
 
-def build_app(node_id: str, mode: str, store: str, secret: str, backup: str = "sync") -> SessionMiddleware:
-    """The node's app: ``mode`` ``sticky`` (with ``backup``) or ``non-sticky``; debug on."""
+def build_app(node_id: str, mode: str, store: str, secret: str, backup: str = "sync",
+              node_dir: str | None = None) -> SessionMiddleware:
+    """The node's app: ``mode`` ``sticky`` (with ``backup``, its node copy in ``node_dir``) or
+    ``non-sticky``; debug on."""
     fields: dict[str, Any] = {"mode": mode, "store": store, "secret_key": secret, "debug": True}
     if mode == "sticky":
-        fields.update(node_id=node_id, backup=backup)
+        fields.update(node_id=node_id, backup=backup, node_dir=node_dir)
     return SessionMiddleware(ChaosApp(node_id), **fields)
+
+
+def from_environment() -> SessionMiddleware:
+    """The node's app as gunicorn workers build it, from ``CHAOS_*`` variables
+    (``gunicorn -w N 'tests.chaos.node:from_environment()'``)."""
+    env = os.environ
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return build_app(env["CHAOS_NODE_ID"], env["CHAOS_MODE"], env["CHAOS_STORE"], env["CHAOS_SECRET"],
+                     env.get("CHAOS_BACKUP", "sync"), env.get("CHAOS_NODE_DIR"))
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

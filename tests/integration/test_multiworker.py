@@ -520,11 +520,12 @@ def collision_lines(node: GunicornNode, node_id: str) -> list[str]:
 @pytest.mark.slow
 def test_two_hosts_claiming_one_node_id_are_detected(mw_redis, gunicorn, tmp_path):
     node_id = "dup7"
+    lease = {"node_lease_interval": "2"}  # renewals every 2 s (default 30): a rival is seen within seconds
     first = gunicorn(workers=2, node_id=node_id, store=mw_redis.url, mode="sticky",
-                     node_dir=tmp_path / "host_a")
+                     node_dir=tmp_path / "host_a", settings=lease)
     first.browser().get("/inc")  # the first host is in service
     later = gunicorn(workers=2, node_id=node_id, store=mw_redis.url, mode="sticky",
-                     node_dir=tmp_path / "host_b")
+                     node_dir=tmp_path / "host_b", settings=lease)
     browser = later.browser()
     seen: dict[str, object] = {"log": [], "cause": None, "statuses": set()}
 
