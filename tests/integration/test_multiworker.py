@@ -34,6 +34,7 @@ node id), except the two "hosts" of the collision test, which get one each.
 from __future__ import annotations
 
 import http.client
+import random
 import re
 import threading
 import time
@@ -197,8 +198,11 @@ def background_requests(port: int, path: str) -> Iterator[Background]:
     """Request ``path`` on ``port`` in a loop (new connection each, no cookie) while the block runs."""
     state, stop = Background(), threading.Event()
 
+    pause = random.Random(0)
+
     def run() -> None:
         while not stop.is_set():
+            time.sleep(pause.uniform(0, 0.01))  # no lockstep with the clients: they meet either worker
             try:
                 reply = Browser(port).get(path)
             except (OSError, http.client.HTTPException) as exc:
