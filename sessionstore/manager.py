@@ -98,7 +98,6 @@ class SessionManager:
         self.listeners = Listeners()
         self.node_id = settings.node_id if settings.sticky else None
         self._prefix = settings.key_prefix
-        self._load_locks = [threading.Lock() for _ in range(64)] if settings.sticky else []
         self.tombstones = Tombstones(self.store, self.clock)
         self._timeouts = IdleTimeouts(settings.max_inactive)
         #: Tombstones saying an id is over, written straight to the shared store (in sticky mode the
@@ -384,30 +383,44 @@ class SessionManager:
         """Sticky mode: load from the node copy (shared by every worker of the node), or fail over.
 
         Each request works on its own copy and saves conditionally, merging
-        per attribute, as in non-sticky mode. Two parallel requests of this
-        process failing over one id take turns, so they end as one session.
+        per attribute, as in non-sticky mode. Parallel requests failing over
+        one id, on any workers of this node, end as one session.
         """
         if ids.split_route(session_id)[1] == self.node_id:
             self._load_id(session, session_id)
-            return
-        with self._load_locks[hash(session_id) % len(self._load_locks)]:
+        else:
             self._failover(session, session_id)
 
     def _failover(self, session: Session, session_id: str) -> None:
-        """A session owned by another node arrived here: take it over under our route."""
+        """A session owned by another node arrived here: take it over under our route.
+
+        One worker of this node at a time: the first stores it under a new id
+        at once, the parallel requests of the same page that arrive with the
+        old id meanwhile, on any worker, get that same new id.
+        """
         key = self.key(session_id)
-        stored = self.store.load_backup(key, self._default_ttl())  # type: ignore[attr-defined]
-        if stored is None:
-            self._missing(session, key)
-            return
-        if not self._adopt(session, session_id, stored):
-            return
-        s = session._s
-        s.stale_ids.append((session_id, "moved", bool(s.meta.index)))  # type: ignore[arg-type, union-attr]
-        s.id = ids.new_id(self.node_id)
-        s.version = None  # not stored under the new id yet: the commit creates it
-        s.forced = True
-        session._record.add("route-changed", previous_route=ids.split_route(session_id)[1])
+        previous_route = ids.split_route(session_id)[1]
+        with self._sticky.taking_over(key) as moved_to:
+            if moved_to is not None:
+                self._load_id(session, moved_to)
+                if session._s.id is not None:
+                    session._record.add("route-changed", previous_route=previous_route)
+                return
+            stored = self.store.load_backup(key, self._default_ttl())  # type: ignore[attr-defined]
+            if stored is None:
+                self._missing(session, key)
+                return
+            if not self._adopt(session, session_id, stored):
+                return
+            s = session._s
+            s.stale_ids.append((session_id, "moved", bool(s.meta.index)))  # type: ignore[arg-type, union-attr]
+            s.id = ids.new_id(self.node_id)
+            s.version = None
+            s.forced = True
+            self._create(session, Changes())  # stored under the new id now, before any parallel request looks
+            s.forced = False
+            self._sticky.taken_over(key, s.id)
+        session._record.add("route-changed", previous_route=previous_route)
         session._record.source = "failover"
 
     def _missing(self, session: Session, key: str) -> None:

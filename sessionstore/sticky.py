@@ -69,8 +69,11 @@ DESTROYED_MEMORY = 3600.0
 _FINAL_STATES = ("invalidated", "expired", "replaced")
 #: Seconds a worker may hold a session's backup lease (a killed worker's lease frees itself).
 _LEASE_EXPIRY = 5.0
-# node-copy companions: the id is over; the backup's deadline and the version it holds; the lease
-_GONE, _BACKED, _LEASE = "gone", "bk", "bkl"
+# node-copy companions: the id is over; the backup's deadline and the version it holds; the lease;
+# the takeover turn of another node's id, and the id it was taken over under
+_GONE, _BACKED, _LEASE, _TURN, _MOVED = "gone", "bk", "bkl", "fo", "moved"
+#: Seconds a failover may hold its turn (a killed worker's turn frees itself), and wait for one.
+_TURN_EXPIRY, _TURN_WAIT = 10.0, 10.0
 #: Seconds between two "a worker of this node is listening to the feed" beats.
 LISTENING_BEAT = 0.5
 _LISTENING_KEY = "sessionstore:{node}:listening"
@@ -222,6 +225,30 @@ class StickyStore:
         record = self.local.load_and_touch(key, ttl)
         if record is not None:
             self._refresh_backup(key, ttl, record)
+
+    @contextmanager
+    def taking_over(self, key: str) -> Iterator[str | None]:
+        """Hold this node's turn to take over another node's session ``key`` (one worker at a time).
+
+        Yields the id a worker of this node already took it over under (a
+        parallel request of the same page got here first), or ``None``: then
+        the caller takes it over and says so with :meth:`taken_over`.
+        """
+        token, turn = secrets.token_hex(8), companion_key(key, _TURN)
+        deadline = time.monotonic() + _TURN_WAIT
+        while not self.local.lock(turn, token, _TURN_EXPIRY)[0]:
+            if time.monotonic() >= deadline:
+                raise StoreUnavailable("another worker of this node is taking this session over")
+            time.sleep(0.002)
+        try:
+            moved = self.local.load(companion_key(key, _MOVED))
+            yield None if moved is None else moved.data.decode()
+        finally:
+            self.local.unlock(turn, token)
+
+    def taken_over(self, key: str, new_id: str) -> None:
+        """Session ``key`` now lives here as ``new_id``: later requests with the old id get that one."""
+        self.local.save(companion_key(key, _MOVED), new_id.encode(), math.ceil(DESTROYED_MEMORY))
 
     def load_backup(self, key: str, ttl: int | None) -> Record | None:
         """Another node's session, straight from the shared store (failover)."""

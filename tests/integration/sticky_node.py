@@ -113,6 +113,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backup", choices=("sync", "async"), default="sync")
     parser.add_argument("--secret", required=True)
     parser.add_argument("--max-inactive", type=int, default=1800)
+    parser.add_argument("--locking", default="none")
     return parser.parse_args(argv)
 
 
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT (clean: async backups flushed) or SIGKILL (not clean)."""
     args = _parse(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    serve_until_signalled(build_app(args.node_id, args.store, args.backup, args.secret, max_inactive=args.max_inactive), args.port)
+    serve_until_signalled(build_app(args.node_id, args.store, args.backup, args.secret, max_inactive=args.max_inactive,
+                                   locking=args.locking), args.port)
     return 0
 
 
@@ -128,14 +130,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def start_node(node_id: str, store: str, *, secret: str, backup: str = "sync", port: int | None = None,
-               workdir: Path | None = None, max_inactive: int = 1800) -> ServerProcess:
+               workdir: Path | None = None, max_inactive: int = 1800, locking: str = "none") -> ServerProcess:
     """Start this module as a separate process on ``port`` (a free one by default); ready when it returns.
 
     The node's stderr goes to ``<workdir>/server-<port>.log``.
     """
     port = port or free_port()
     argv = [sys.executable, str(Path(__file__).resolve()), "--port", str(port), "--node-id", node_id,
-            "--store", store, "--backup", backup, f"--secret={secret}", "--max-inactive", str(max_inactive)]
+            "--store", store, "--backup", backup, f"--secret={secret}", "--max-inactive", str(max_inactive),
+            "--locking", locking]
     return ServerProcess(argv, port, workdir).start(timeout=30)
 
 
