@@ -66,6 +66,7 @@ import http.client
 import http.server
 import logging
 import re
+import signal
 import socket
 import socketserver
 import sys
@@ -643,7 +644,19 @@ def _backend(text: str) -> tuple[str, str, int]:
     return node_id, host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _ctrl_c_interrupts() -> None:
+    """Let Ctrl-C raise KeyboardInterrupt, even in a process started with SIGINT ignored.
+
+    A background job of a shell without job control (``cmd &`` in a script)
+    inherits SIG_IGN for SIGINT: the balancer could not be stopped with it.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``python -m sessionstore.balancer``: serve until Ctrl-C."""
+    _ctrl_c_interrupts()
     parser = argparse.ArgumentParser(prog="python -m sessionstore.balancer",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

@@ -650,7 +650,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, store: str | None = None, m
     """Run the demo until Ctrl-C (or SIGTERM); restart a node that dies after ``RESTART_DELAY`` s."""
     write = out or (lambda line: print(line, flush=True))
     cluster = DemoCluster(mode, store, host, port, kill_node)
-    previous = _raise_on_sigterm()
+    previous = _interruptible()
     balancer_log = _balancer_log_to(lambda message: write(f"[balancer] {message}"))
     status = 0
     try:
@@ -670,7 +670,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, store: str | None = None, m
     finally:
         with _uninterrupted():  # a second Ctrl-C must not leave nodes behind
             cluster.close()
-        signal.signal(signal.SIGTERM, previous)
+        _restore_signals(previous)
         logging.getLogger("sessionstore.balancer").removeHandler(balancer_log)
     if cluster.started:
         pids = ", ".join(str(pid) for pid in cluster.started)
@@ -737,13 +737,29 @@ def _uninterrupted() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _raise_on_sigterm() -> Any:
+def _interruptible() -> dict[int, Any]:
+    """Make Ctrl-C and SIGTERM raise KeyboardInterrupt; returns the handlers they had.
+
+    SIGINT is set back to Python's own handler: a process started with it
+    ignored (a background job of a shell without job control: ``cmd &`` in
+    a script) inherits SIG_IGN, and Ctrl-C would neither stop the demo nor
+    let it remove its temporary folder. Main thread only (elsewhere signals
+    do not arrive).
+    """
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():
-        return signal.getsignal(signal.SIGTERM)
-    return signal.signal(signal.SIGTERM, interrupt)
+        return {}
+    return {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+            signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt)}
+
+
+def _restore_signals(saved: dict[int, Any]) -> None:
+    """Put back the handlers :func:`_interruptible` replaced."""
+    for sig, handler in saved.items():
+        if handler is not None:  # None: not set from Python, nothing to put back
+            signal.signal(sig, handler)
 
 
 def instructions(cluster: DemoCluster) -> list[str]:
@@ -1197,7 +1213,7 @@ def selftest(mode: str = "non-sticky", store: str | None = None, out: Callable[[
         write(MEMORY_WARNING)
     logs = Path(tempfile.mkdtemp(prefix="sessionstore-demo-selftest-"))
     cluster = DemoCluster(mode, store, host, port, kill_node, node_logs=logs)
-    previous = _raise_on_sigterm()
+    previous = _interruptible()
     balancer_log = _balancer_log_to(lambda message: write(f"  [balancer] {message}"))
     steps: list[tuple[str, Callable[[], None]]] = SelfTest(mode).steps()
     failed = 0
@@ -1238,7 +1254,7 @@ def selftest(mode: str = "non-sticky", store: str | None = None, out: Callable[[
                 test.close()
             cluster.close()
         shutil.rmtree(logs, ignore_errors=True)
-        signal.signal(signal.SIGTERM, previous)
+        _restore_signals(previous)
         logging.getLogger("sessionstore.balancer").removeHandler(balancer_log)
     pids = ", ".join(str(pid) for pid in cluster.started)
     write(f"{len(steps) - failed} of {len(steps)} steps passed in {time.monotonic() - started:.1f} s; "
