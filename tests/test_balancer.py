@@ -37,6 +37,7 @@ from sessionstore import SessionMiddleware, get_session  # noqa: E402
 from sessionstore.balancer import Balancer, route_of  # noqa: E402
 from sessionstore.ids import new_id  # noqa: E402
 from sessionstore.signing import CookieSigner  # noqa: E402
+from tests.servers.process import ignore_sigint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "balancer-test-secret"
@@ -531,7 +532,8 @@ def test_balancer_as_a_process(backends, tmp_path):
     argv = [sys.executable, "-m", "sessionstore.balancer", "--port", str(port), "--mode", "sticky",
             *[arg for b in backends for arg in ("--backend", f"{b.node_id}=127.0.0.1:{b.port}")]]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                            preexec_fn=ignore_sigint)  # as from a script's `&`: Ctrl-C must work all the same
     try:
         assert "balancer (sticky)" in proc.stdout.readline().decode()  # type: ignore[union-attr]
         assert get(port, cookie=sticky_cookie("n3")).node == "n3"

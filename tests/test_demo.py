@@ -25,6 +25,7 @@ from werkzeug.test import Client
 
 from sessionstore.cli import main
 from sessionstore.demo import NODE_IDS, SelfTest, build_app, selftest
+from tests.servers.process import ignore_sigint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -146,11 +147,15 @@ def test_sticky_selftest_fails_only_at_the_failover_without_a_shared_store():
 
 
 class Demo:
-    """``sessionstore demo`` as a user runs it, its output read line by line."""
+    """``sessionstore demo`` as a user runs it, its output read line by line.
+
+    Started with SIGINT ignored, as from a script's ``&``: Ctrl-C must stop it all the same.
+    """
 
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "sessionstore", "demo", "--port", "0", *args],
-                                     cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=ignore_sigint)
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         self.errors: list[str] = []
@@ -195,9 +200,14 @@ class Demo:
         return body, cookie
 
     def close(self) -> None:
+        """Stop the demo if it still runs: SIGTERM (it cleans up, temporary folder included), then SIGKILL."""
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
 
 def test_interactive_demo_fails_over_restarts_and_stops_on_ctrl_c():

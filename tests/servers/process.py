@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["free_port", "require_binary", "ServerProcess", "wait_for_port", "die_with_parent"]
+__all__ = ["free_port", "require_binary", "ServerProcess", "wait_for_port", "die_with_parent", "ignore_sigint"]
 
 _PR_SET_PDEATHSIG = 1
 try:
@@ -31,6 +31,16 @@ def die_with_parent() -> None:
     """
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def ignore_sigint() -> None:
+    """In the child, before exec: ignore SIGINT, as a background job of a script does.
+
+    Such a job (``cmd &`` without job control, e.g. a test run started that
+    way) hands SIG_IGN down to every process it starts: a program meant to
+    stop on Ctrl-C must set its handler back itself.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def free_port() -> int:
