@@ -6,8 +6,10 @@ Settings come from the environment, e.g.::
 
     SESSIONSTORE_SECRET_KEY=change-me SESSIONSTORE_STORE=redis://127.0.0.1:6379/0 python examples/basic_app.py
 
-Without them the sessions live in this process's memory and are signed with a
-random key (a warning says so): fine for trying it out, not for production.
+Without them the sessions go to the default ``local://`` store (on /dev/shm,
+shared by every process of this host) and are signed with a random key drawn
+by each process (a warning says so): fine for trying it out with one process,
+not for production.
 """
 
 import html

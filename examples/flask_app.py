@@ -4,7 +4,8 @@
     # then open http://127.0.0.1:5000/
 
 Any ``SESSIONSTORE_<FIELD>`` environment variable is passed on (see docs); without
-a store the sessions live in this process's memory.
+a store the sessions go to the default ``local://`` store, shared by every
+process of this host.
 """
 
 import os

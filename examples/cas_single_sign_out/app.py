@@ -15,8 +15,8 @@ cookie, and to whichever node the balancer picks::
 
 The node that gets it calls ``manager.invalidate_by_index("cas", ticket)``:
 the session is destroyed in the shared store, and in sticky mode the node
-that holds it in memory drops it too, within a second (the invalidation
-feed). ``/logout-everywhere`` does the same by user name.
+that holds it in its node copy drops it too, within a second (the
+invalidation feed). ``/logout-everywhere`` does the same by user name.
 
 Run two nodes (see README.md)::
 
