@@ -1,4 +1,7 @@
-"""Session locks for non-sticky mode: which requests lock, and keeping locks alive.
+"""Session locks (both modes): which requests lock, and keeping locks alive.
+
+In non-sticky mode the lock lives in the store; in sticky mode in the node
+copy, where every request of the session arrives.
 
 :class:`LockPolicy` decides per request path (``locking`` setting):
 

@@ -12,9 +12,11 @@ request changed are kept, this request's changes are applied on top, and an
 attribute both changed is a conflict (``on_conflict``).
 
 In sticky mode the manager's store is a :class:`~sessionstore.sticky.StickyStore`
-(this node's memory first, the shared store as backup); the manager adds
-the route logic (a session id carrying another node's route is a failover)
-and shares one session state between concurrent requests of a session.
+(this node's copy first, shared by all of its worker processes; the shared
+store as backup); the manager adds the route logic (a session id carrying
+another node's route is a failover, one takeover per id on the node).
+Requests load and save as in non-sticky mode: each its own copy, saves
+conditional on the node copy, merged or locked.
 Sessions destroyed from another node, or moved away by a failover, reach
 this node through the invalidation feed (:mod:`sessionstore.invalidation`).
 

@@ -169,6 +169,9 @@ class LocalStore:
 
     def _write(self) -> "_Txn":
         env = self._env_for()
+        return _Guarded(self._begin_write(env), self.path)
+
+    def _begin_write(self, env: "_Env") -> "_Txn":
         now = time.monotonic()
         if now >= self._next_reader_check:  # slots of readers that died (SIGKILL) are freed
             self._next_reader_check = now + _READER_CHECK_EVERY
@@ -176,7 +179,7 @@ class LocalStore:
         return env.begin(write=True)
 
     def _read(self) -> "_Txn":
-        return self._env_for().begin(write=False)
+        return _Guarded(self._env_for().begin(write=False), self.path)
 
     @property
     def _dbs(self) -> "_Dbs":
@@ -296,12 +299,12 @@ class LocalStore:
                 if entry.expires <= now:
                     self._drop(txn, key, entry)
 
-    def _evict(self, txn: Any, extra: float = 1.0) -> int:
-        """Evict least recently used sessions while over a bound (``extra`` < 1: below it)."""
+    def _evict(self, txn: Any) -> int:
+        """Evict least recently used sessions while over a bound."""
         dbs, evicted = self._dbs, 0
         while True:
             count = txn.stat(dbs.s)["entries"]
-            if count == 0 or (count <= self.max_sessions * extra and self._bytes(txn) <= self.max_bytes * extra):
+            if count == 0 or (count <= self.max_sessions and self._bytes(txn) <= self.max_bytes):
                 return evicted
             key = next(_first_keys(txn, dbs.l, 1))
             raw = txn.get(key.encode(), db=dbs.s)
@@ -312,16 +315,21 @@ class LocalStore:
             evicted += 1
 
     def _mapped(self, write: Callable[[], Any]) -> Any:
-        """Run ``write``; if the map is full, evict a quarter of the sessions and try once more."""
+        """Run ``write``; if the map or the file system is full, evict the least recently used
+        quarter of the sessions (their pages are reused) and try once more."""
         try:
             return write()
-        except lmdb.MapFullError:
+        except _Full:
             with self._write() as txn:
-                self._evict(txn, extra=0.75)
-            try:
-                return write()
-            except lmdb.MapFullError as exc:
-                raise StoreUnavailable(f"local store {self.path} is full: {exc}") from None
+                self._shed(txn)
+            return write()
+
+    def _shed(self, txn: Any) -> None:
+        dbs = self._dbs
+        for key in list(_first_keys(txn, dbs.l, max(1, txn.stat(dbs.s)["entries"] // 4))):
+            entry = _decode(txn.get(key.encode(), db=dbs.s), _EVER)
+            if entry is not None:
+                self._drop(txn, key, entry)
 
     def _db_of(self, key: str) -> Any:
         dbs = self._dbs
@@ -592,6 +600,37 @@ class _Env:
     @classmethod
     def after_fork(cls) -> None:
         cls._guard.release()
+
+
+class _Full(StoreUnavailable):
+    """The map (or the file system under it) is full."""
+
+
+class _Guarded:
+    """A transaction whose LMDB failures surface as :class:`StoreUnavailable` (a full tmpfs,
+    a map too small, a damaged file): the request gets the store-unavailable answer, not a 500."""
+
+    __slots__ = ("txn", "path")
+
+    def __init__(self, txn: "_Txn", path: Path) -> None:
+        self.txn, self.path = txn, path
+
+    def __enter__(self) -> Any:
+        return self.txn.__enter__()
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> Any:
+        try:
+            result = self.txn.__exit__(kind, exc, tb)
+        except lmdb.Error as failure:  # the commit itself failed
+            raise _unavailable(failure, self.path) from None
+        if isinstance(exc, lmdb.Error):
+            raise _unavailable(exc, self.path) from None
+        return result
+
+
+def _unavailable(exc: Exception, path: Path) -> StoreUnavailable:
+    kind = _Full if isinstance(exc, (lmdb.MapFullError, lmdb.DiskError)) else StoreUnavailable
+    return kind(f"local store {path}: {type(exc).__name__}: {exc}")
 
 
 class _Txn:

@@ -154,3 +154,46 @@ def test_a_forked_child_reopens_and_sees_the_parents_data(tmp_path):
 def test_two_applications_get_two_directories():
     assert default_directory("sessionstore:", "session", "/srv/a") != default_directory("sessionstore:", "session", "/srv/b")
     assert default_directory("p", "c", "/srv/a") == default_directory("p", "c", "/srv/a")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MB tmpfs of our own: the file system under the store fills up for real."""
+    import subprocess
+
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_file_system_is_store_unavailable_loses_nothing_held_and_recovers(small_tmpfs):
+    from sessionstore.errors import StoreUnavailable
+
+    store = LocalStore(small_tmpfs / "store", max_bytes=100_000_000)  # a bound the file system cannot hold
+    saved = []
+    with pytest.raises(StoreUnavailable, match="No space left"):
+        for i in range(2000):
+            data = os.urandom(3000)
+            store.save(f"sessionstore:{{k{i}}}", data, 60)
+            saved.append((f"sessionstore:{{k{i}}}", data))
+    held = set(store.keys())
+    assert held and all(store.load(k).data == d for k, d in saved if k in held)  # what it holds is intact
+    for key in sorted(held)[: len(held) // 2]:
+        store.delete(key)
+    assert store.save("sessionstore:{after}", os.urandom(3000), 60).ok  # freed pages are used again
+
+
+def test_a_full_file_system_answers_store_unavailable_not_500(small_tmpfs):
+    from sessionstore import SessionMiddleware, get_session
+    from tests.helpers import ServerClient
+
+    def app(environ, start_response):
+        get_session(environ)["blob"] = os.urandom(200_000).hex()
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    mw = SessionMiddleware(app, store=f"local://{small_tmpfs}/app", secret_key="full", debug=True)
+    statuses = {ServerClient(mw).get("/").status_code for _ in range(8)}
+    assert statuses <= {200, 503} and 503 in statuses
