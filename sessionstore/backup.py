@@ -1,7 +1,10 @@
 """The backup writer: copies sticky sessions to the shared store.
 
 ``backup="sync"`` writes in the request thread, before the response is
-finished. ``backup="async"`` hands the write to a background thread and
+finished, also while older operations wait in the queue (a session write
+with a ledger sends the current bytes, so it never has to wait behind
+them); only while the store is known to be down (a retry is pending) is a
+write queued instead. ``backup="async"`` hands the write to a background thread and
 returns at once. Either way, when the store cannot be reached the operation
 is queued and retried with backoff until it lands; requests are never
 failed or blocked by the backup.
@@ -126,18 +129,38 @@ class BackupWriter:
 
     def _submit(self, key: str, op: _Op) -> bool:
         """Run ``op`` now (sync mode, store reachable) or queue it. True if it landed now."""
-        if not self.asynchronous:
-            with self._cond:
-                busy = bool(self._pending) or self._inflight is not None
-            if not busy:  # keep per-key order: never overtake queued work
-                try:
-                    self._apply(key, op)
-                    return True
-                except StoreError as exc:
-                    self.failures += 1
-                    _log.warning("sessionstore: backup write failed, queued for retry: %s", exc)
+        if not self.asynchronous and self._may_write_now(key, op):
+            try:
+                self._apply(key, op)
+            except StoreError as exc:
+                self.failures += 1
+                _log.warning("sessionstore: backup write failed, queued for retry: %s", exc)
+            else:
+                self._superseded(key, op)
+                return True
         self._enqueue(key, op)
         return False
+
+    def _may_write_now(self, key: str, op: _Op) -> bool:
+        """Sync mode: write in the request unless the store is known to be down (then the queue
+        retries it). Without a ledger, never overtake queued work (per-key order); with one, a
+        session write sends the current bytes whatever is queued, so it need not wait."""
+        with self._cond:
+            if time.monotonic() < self._retry_at:
+                return False
+            if self.ledger is not None and op.kind in ("save", "touch") and not is_companion(key):
+                return True
+            return not self._pending and self._inflight is None
+
+    def _superseded(self, key: str, op: _Op) -> None:
+        """A session write just landed with the current bytes: a queued older one is moot."""
+        if self.ledger is None or op.kind != "save" or is_companion(key):
+            return
+        with self._cond:
+            pending = self._pending.get(key)
+            if pending is not None and pending.kind in ("save", "touch"):
+                del self._pending[key]
+                self._cond.notify_all()
 
     def _enqueue(self, key: str, op: _Op) -> None:
         with self._cond:
