@@ -62,7 +62,7 @@ def add_demo(commands: argparse._SubParsersAction) -> None:
         "demo",
         help="run two app nodes behind a load balancer, sharing sessions (or check it all with --selftest)",
         description="Start two node processes serving a small app wrapped in SessionMiddleware (debug on) and "
-                    "a load balancer in front of them, on an SQLite file in a temporary directory unless "
+                    "a load balancer in front of them, on the embedded local:// store in a temporary directory unless "
                     "--store says otherwise, and print the URL to open. Ctrl-C stops everything.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address the balancer listens on (default: %(default)s)")
@@ -73,7 +73,7 @@ def add_demo(commands: argparse._SubParsersAction) -> None:
                         "the cookie's .n1/.n2 route, the store holds a backup (default: %(default)s)")
     p.add_argument("--store", default=None,
                    help="store URL, e.g. redis://127.0.0.1:6379/0 or memcached://127.0.0.1:11211 "
-                        "(default: an SQLite file in a temporary directory)")
+                        "(default: the embedded local:// store in a temporary directory)")
     p.add_argument("--kill-node", action="store_true",
                    help="put a button on the page that kills the node answering it with SIGKILL, to watch "
                         "the failover (a dead node is restarted after a few seconds); the self-test then "

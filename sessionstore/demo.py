@@ -7,8 +7,9 @@
 * a :class:`~sessionstore.balancer.Balancer` in front of them, in this process:
   round robin (``--mode non-sticky``) or by the route at the end of the session
   cookie (``--mode sticky``);
-* on an SQLite file in a temporary directory, unless ``--store`` names Redis,
-  memcached or another store.
+* on the embedded ``local://`` store (every process of this host shares it) in
+  a temporary directory, unless ``--store`` names Redis, memcached or another
+  store.
 
 and prints the URL to open. The page says which node served it, shows the
 session (the hash of its id, never the id), the counter, the cart and the
@@ -468,9 +469,9 @@ class DemoCluster:
 
     def start(self) -> "DemoCluster":
         try:
-            if self.store is None:
-                self.workdir = Path(tempfile.mkdtemp(prefix="sessionstore-demo-"))
-                self.store = f"sqlite:///{self.workdir / 'sessions.db'}"
+            self.workdir = Path(tempfile.mkdtemp(prefix="sessionstore-demo-"))
+            if self.store is None:  # the embedded default store, in the demo's own folder
+                self.store = f"local://{self.workdir / 'store'}"
             check_store(self.store, self.mode)
             procs = [self._spawn(node_id) for node_id in NODE_IDS]  # in parallel
             for node in procs:
@@ -493,6 +494,8 @@ class DemoCluster:
             argv.append("--kill-button")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_PARENT, env.get("PYTHONPATH")]))
+        if self.workdir is not None:  # sticky nodes' node copies: removed with the demo
+            env["SESSIONSTORE_LOCAL_DIR"] = str(self.workdir / "local")
         log = None
         stderr: Any = None
         if self.node_logs is not None:

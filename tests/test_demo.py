@@ -85,7 +85,7 @@ def test_selftest_passes_every_step_and_stops_its_processes(mode):
     result, seconds = run_demo("--selftest", "--mode", mode)
     assert_all_ok(result, mode)
     assert seconds < 30, f"the self-test took {seconds:.1f} s"
-    assert f"{mode} mode, store sqlite:///" in result.stdout  # the embedded default store
+    assert f"{mode} mode, store local:///" in result.stdout  # the embedded default store
     pids = node_pids(result.stdout)
     assert len(pids) == 2
     assert_gone(pids)
@@ -213,7 +213,7 @@ class Demo:
 def test_interactive_demo_fails_over_restarts_and_stops_on_ctrl_c():
     demo = Demo("--mode", "non-sticky", "--kill-node")
     try:
-        store_dir = Path(re.search(r"store sqlite:///(\S+)/sessions\.db", "\n".join(demo.seen)).group(1))
+        store_dir = Path(re.search(r"store local://(/\S+)/store\b", "\n".join(demo.seen)).group(1))
         assert store_dir.is_dir() and len(demo.pids) == 2
         assert any("Kill the node" in line for line in demo.seen)
         cookie = None
@@ -238,7 +238,7 @@ def test_interactive_demo_fails_over_restarts_and_stops_on_ctrl_c():
         assert demo.proc.wait(15) == 0
         demo.wait_for(r"^stopped: the balancer and the node processes")
         assert_gone([*demo.pids, restarted])
-        assert not store_dir.exists()  # the temporary SQLite file is removed
+        assert not store_dir.exists()  # the demo's folder (store, node copies) is removed
     finally:
         demo.close()
 
@@ -247,7 +247,7 @@ def test_nodes_stop_when_the_demo_is_killed():
     """Even SIGKILL on the demo leaves no node behind: each node stops when its stdin pipe closes."""
     demo = Demo("--mode", "sticky")
     try:
-        store_dir = Path(re.search(r"store sqlite:///(\S+)/sessions\.db", "\n".join(demo.seen)).group(1))
+        store_dir = Path(re.search(r"store local://(/\S+)/store\b", "\n".join(demo.seen)).group(1))
         demo.proc.kill()
         demo.proc.wait(10)
         deadline = time.monotonic() + 10
