@@ -309,3 +309,24 @@ def test_sync_backups_land_in_the_request_while_older_work_waits_in_the_queue(no
         assert reader.load(session_id)["n"] == expected, "an acknowledged sync write is not in the backup"
     shared.go.set()
     n1.manager.close()
+
+
+def test_an_older_backup_write_never_overwrites_a_newer_one(node, clock):
+    """Two workers of n1: the first one's queued backup of n=1 is applied after the second one wrote n=2."""
+    shared = HeldInBackground(clock=clock)
+    first, second = node("n1", backup="async", store=shared), node("n1", store=shared)  # one node, two workers
+    writer = first.manager._sticky.backup
+    writer._enqueue("sessionstore:{other}", _Op("save", b"x", 60))  # the first worker's writer is busy ...
+    assert shared.holding.wait(5)  # ... stuck in that save
+    client = Client(first)
+    client.get("/inc")  # n=1: its backup waits in the first worker's queue
+    session_id = first.manager.signer.unsign(cookie(client))
+    key = first.manager.key(session_id)
+    assert move(client, second).get("/inc").json["n"] == 2  # the second worker writes n=2 (sync: landed)
+    reader = SessionMiddleware(json_app(HANDLERS), store=shared, secret_key=SECRET, clock=clock).manager
+    assert reader.load(session_id)["n"] == 2
+    written_before = shared.calls["save"]
+    shared.go.set()  # the first worker's queue goes on, with its write of n=1
+    first.manager.close()
+    assert reader.load(session_id)["n"] == 2, "an older backup overwrote a newer one"
+    assert key not in writer._pending and shared.calls["save"] - written_before <= 2  # skipped, not rewritten

@@ -80,3 +80,15 @@ def test_redis_maxmemory_eviction_is_reported_as_evicted(tmp_path):
         assert _causes(response) == ["evicted"]
     finally:
         server.stop()
+
+
+def test_local_store_lru_eviction_is_reported_as_evicted(tmp_path):
+    """local:// bounded to 20 sessions: the 21st login evicts the least recently used one."""
+    mw = SessionMiddleware(_app, store=f"local://{tmp_path / 'local'}?max_sessions=20", secret_key="k", debug=True)
+    first = Client(mw)
+    first.get("/login")
+    for _ in range(25):
+        Client(mw).get("/login")
+    response = first.get("/")
+    assert json.loads(response.get_data())["user"] is None
+    assert _causes(response) == ["evicted"]
