@@ -167,19 +167,24 @@ class LocalStore:
                 env = self._env = _Env.get(self.path, self.max_bytes)
             return env
 
-    def _write(self) -> "_Txn":
-        env = self._env_for()
-        return _Guarded(self._begin_write(env), self.path)
+    def _write(self) -> "_Guarded":
+        return _Guarded(self._begin(write=True), self.path)
 
-    def _begin_write(self, env: "_Env") -> "_Txn":
-        now = time.monotonic()
-        if now >= self._next_reader_check:  # slots of readers that died (SIGKILL) are freed
-            self._next_reader_check = now + _READER_CHECK_EVERY
-            env.lmdb.reader_check()
-        return env.begin(write=True)
+    def _read(self) -> "_Guarded":
+        return _Guarded(self._begin(write=False), self.path)
 
-    def _read(self) -> "_Txn":
-        return _Guarded(self._env_for().begin(write=False), self.path)
+    def _begin(self, write: bool) -> "_Txn":
+        """A transaction on this process's environment (opened again if a fork closed it meanwhile)."""
+        for _ in range(3):
+            env = self._env_for()
+            if write and time.monotonic() >= self._next_reader_check:  # slots of readers that died
+                self._next_reader_check = time.monotonic() + _READER_CHECK_EVERY
+                env.lmdb.reader_check()
+            try:
+                return env.begin(write=write)
+            except _Closed:
+                continue
+        raise StoreUnavailable(f"local store {self.path}: closed by concurrent forks")
 
     @property
     def _dbs(self) -> "_Dbs":
@@ -569,7 +574,10 @@ class _Env:
             return env
 
     def begin(self, write: bool) -> "_Txn":
+        """A transaction; raises :class:`_Closed` if a fork closed the environment meanwhile."""
         with self._idle:
+            if not self.open:
+                raise _Closed
             self._active += 1
         try:
             return _Txn(self, self.lmdb.begin(write=write, buffers=False))
@@ -600,6 +608,10 @@ class _Env:
     @classmethod
     def after_fork(cls) -> None:
         cls._guard.release()
+
+
+class _Closed(Exception):
+    """The environment was closed (for a fork) after it was looked up: open it again."""
 
 
 class _Full(StoreUnavailable):

@@ -197,3 +197,34 @@ def test_a_full_file_system_answers_store_unavailable_not_500(small_tmpfs):
     mw = SessionMiddleware(app, store=f"local://{small_tmpfs}/app", secret_key="full", debug=True)
     statuses = {ServerClient(mw).get("/").status_code for _ in range(8)}
     assert statuses <= {200, 503} and 503 in statuses
+
+
+def test_forks_while_other_threads_read_and_write_cost_them_nothing(tmp_path):
+    """A fork closes the environment (LMDB cannot cross fork); threads in the middle of calls reopen it."""
+    import subprocess
+    import threading
+
+    store = LocalStore(tmp_path / "forking")
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def hammer(i: int) -> None:
+        n = 0
+        while not stop.is_set():
+            try:
+                store.save(f"sessionstore:{{t{i}}}", str(n).encode(), 60)
+                assert store.load(f"sessionstore:{{t{i}}}").data == str(n).encode()
+            except BaseException as exc:  # noqa: BLE001 - the test reports any failure
+                errors.append(exc)
+                return
+            n += 1
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for _ in range(30):  # subprocesses with a preexec_fn fork through Python's at-fork hooks
+        subprocess.run(["true"], preexec_fn=lambda: None, check=True)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert errors == []
