@@ -103,6 +103,7 @@ class StickyStore:
                                    index_store=remote, gate=self._writable, ledger=_Ledger(self.local, clock))
         self._lock = threading.Lock()
         self._suspects: set[str] = set()  # keys to check against the store on next use (this process)
+        self._deadlines: dict[str, float] = {}  # backup deadlines this process saw in the ledger
 
     # -- ids that are over ----------------------------------------------------------------
 
@@ -350,16 +351,25 @@ class StickyStore:
     def _refresh_backup(self, key: str, ttl: int | None, record: Record) -> None:
         """Touch the backup only if it would lapse before the primary copy does.
 
-        A backup the store lost (evicted, or its memcached node died) is
-        written again from the node copy.
+        The deadline is the node's (in the ledger); this process remembers
+        what it last saw there, so a read looks at the ledger only when the
+        deadline may be near. A backup the store lost (evicted, or its
+        memcached node died) is written again from the node copy.
         """
         if ttl is None:
             return
+        now = self.clock()
+        if self._deadlines.get(key, 0.0) >= now + ttl:
+            return
         ledger: _Ledger = self.backup.ledger  # type: ignore[assignment]
         deadline = ledger.deadline(key)
-        if deadline is None or deadline < self.clock() + ttl:
+        if deadline is None or deadline < now + ttl:
             ledger.extend(key, _backup_ttl(ttl))
             self.backup.touch(key, _backup_ttl(ttl), record.data)
+            deadline = now + (_backup_ttl(ttl) or 0)
+        if len(self._deadlines) >= 100_000:
+            self._deadlines.clear()
+        self._deadlines[key] = deadline
 
 
 class _Ledger:

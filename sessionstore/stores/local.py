@@ -61,6 +61,7 @@ import tempfile
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import parse_qs, urlsplit
@@ -137,6 +138,7 @@ class LocalStore:
         self._tally = count_ops if counted else _no_count
         self._env: _Env | None = None
         self._open_lock = threading.Lock()
+        self._recent = _Recent()
         self._next_reader_check = 0.0
         self._env_for()  # fail at construction, not on the first request
 
@@ -159,57 +161,79 @@ class LocalStore:
 
     def _env_for(self) -> "_Env":
         env = self._env
-        if env is not None and env.open and env.pid == os.getpid():
+        if env is not None and env.usable():
             return env
         with self._open_lock:
             env = self._env
-            if env is None or not env.open or env.pid != os.getpid():
+            if env is None or not env.usable():
                 env = self._env = _Env.get(self.path, self.max_bytes)
             return env
 
     def _write(self) -> "_Guarded":
         return _Guarded(self._begin(write=True), self.path)
 
-    def _read(self) -> "_Guarded":
-        return _Guarded(self._begin(write=False), self.path)
+    def _read(self, buffers: bool = False) -> "_Guarded":
+        return _Guarded(self._begin(write=False, buffers=buffers), self.path)
 
-    def _begin(self, write: bool) -> "_Txn":
-        """A transaction on this process's environment (opened again if a fork closed it meanwhile)."""
-        for _ in range(3):
+    def _begin(self, write: bool, buffers: bool = False) -> "_Txn":
+        """A transaction on this process's environment (opened again if a fork closed it meanwhile:
+        waiting for a fork in progress takes as long as the transactions it waits for)."""
+        for _ in range(100):
             env = self._env_for()
             if write and time.monotonic() >= self._next_reader_check:  # slots of readers that died
                 self._next_reader_check = time.monotonic() + _READER_CHECK_EVERY
                 env.lmdb.reader_check()
             try:
-                return env.begin(write=write)
+                return env.begin(write=write, buffers=buffers)
             except _Closed:
                 continue
         raise StoreUnavailable(f"local store {self.path}: closed by concurrent forks")
 
     @property
     def _dbs(self) -> "_Dbs":
-        return self._env_for().dbs
+        """The databases of the environment in use (inside a transaction: the transaction's)."""
+        env = self._env
+        return env.dbs if env is not None and env.open else self._env_for().dbs
 
     # -- contract ---------------------------------------------------------------------
 
     def load(self, key: str) -> Record | None:
         self._tally()
-        k = key.encode()
-        with self._read() as txn:
-            raw = txn.get(k, db=self._db_of(key))
-        entry = _decode(raw, self._clock())
-        return None if entry is None else Record(entry.data, entry.version)
+        found = self._look(key, self._clock())
+        return None if found is None else Record(found[0], found[1])
 
     def load_and_touch(self, key: str, ttl: int | None) -> Record | None:
         self._tally()
-        k, db, now = key.encode(), self._db_of(key), self._clock()
-        with self._read() as txn:
-            entry = _decode(txn.get(k, db=db), now)
-        if entry is None:
+        now = self._clock()
+        found = self._look(key, now)
+        if found is None:
             return None
-        if _needs_slide(entry, ttl, now) or (db is self._dbs.s and _stamp(now) - entry.stamp > 1000 * SLIDE_STEP):
-            self._retouch(key, ttl, entry.version)
-        return Record(entry.data, entry.version)
+        data, version, expires, stamp = found
+        slid = _needs_slide(expires, ttl, now)
+        if slid or (not is_companion(key) and _stamp(now) - stamp > 1000 * SLIDE_STEP):
+            self._retouch(key, ttl, version)
+        return Record(data, version)
+
+    def _look(self, key: str, now: float) -> tuple[bytes, int, float, int] | None:
+        """``(data, version, expires, stamp)`` of the live record ``key``, in one read transaction.
+
+        The header is read in place; the payload comes from this process's
+        recent reads when their version is the stored one (a version is never
+        reused), so a hot session is neither copied nor decompressed again.
+        """
+        with self._read(buffers=True) as txn:
+            raw = txn.get(key.encode(), db=self._db_of(key))
+            if raw is None:
+                return None
+            version, expires, stamp, flags = _HEAD.unpack_from(raw)
+            if expires <= now:
+                return None
+            data = self._recent.get(key, version)
+            if data is None:
+                body = raw[_HEAD.size:]
+                data = zlib.decompress(body) if flags & _ZLIB else bytes(body)
+                self._recent.put(key, version, data)
+        return data, version, expires, stamp
 
     def save(self, key: str, data: bytes, ttl: int | None, expect: Any = ANY) -> SaveResult:
         self._tally()
@@ -235,17 +259,18 @@ class LocalStore:
     # -- writes (transaction held) ----------------------------------------------------------
 
     def _save(self, key: str, data: bytes, ttl: int | None, expect: Any) -> SaveResult:
-        k, db, now = key.encode(), self._db_of(key), self._clock()
+        k, now = key.encode(), self._clock()
         with self._write() as txn:
-            entry = _decode(txn.get(k, db=db), now)
+            entry = _decode(txn.get(k, db=self._db_of(key)), now)
             if expect is not ANY and (None if entry is None else entry.version) != expect:
                 return SaveResult(False, current=None if entry is None else Record(entry.data, entry.version))
             if entry is not None:
                 self._drop(txn, key, entry)
             version = self._next_version(txn)
             self._put(txn, key, _Entry(data, version, _expires(ttl, now), _stamp(now)))
+            self._recent.put(key, version, data)
             self._sweep(txn, now)
-            if db is self._dbs.s:
+            if not is_companion(key):
                 self._evict(txn)
         return SaveResult(True, version=version)
 
@@ -256,7 +281,7 @@ class LocalStore:
             entry = _decode(txn.get(k, db=self._db_of(key)), now)
             if entry is None or (version is not ANY and entry.version != version):
                 return False
-            if force or _needs_slide(entry, ttl, now) or _stamp(now) != entry.stamp:
+            if force or _needs_slide(entry.expires, ttl, now) or _stamp(now) != entry.stamp:
                 self._drop(txn, key, entry)
                 self._put(txn, key, _Entry(entry.data, entry.version, _expires(ttl, now), _stamp(now)))
         return True
@@ -453,6 +478,41 @@ class LocalStore:
 # -- records ------------------------------------------------------------------------------------
 
 
+class _Recent:
+    """Payloads this process read or wrote lately, by key and version (bounded LRU).
+
+    Only a hint: a payload is used only when its version is the one stored
+    now, and versions are never reused, so it is never stale.
+    """
+
+    def __init__(self, max_entries: int = 1024, max_bytes: int = 16 * 1024 * 1024) -> None:
+        self._entries: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+        self._bytes = 0
+        self._max_entries, self._max_bytes = max_entries, max_bytes
+        self._lock = threading.Lock()
+
+    def get(self, key: str, version: int) -> bytes | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None or found[0] != version:
+                return None
+            self._entries.move_to_end(key)
+            return found[1]
+
+    def put(self, key: str, version: int, data: bytes) -> None:
+        if len(data) > self._max_bytes // 8:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old[1])
+            self._entries[key] = (version, data)
+            self._bytes += len(data)
+            while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
 class _Entry:
     __slots__ = ("data", "version", "expires", "stamp", "stored")
 
@@ -484,9 +544,9 @@ def _expires(ttl: int | None, now: float) -> float:
     return _NEVER if ttl is None else now + ttl
 
 
-def _needs_slide(entry: _Entry, ttl: int | None, now: float) -> bool:
+def _needs_slide(expires: float, ttl: int | None, now: float) -> bool:
     target = _expires(ttl, now)
-    return target == _NEVER != entry.expires or target - entry.expires > SLIDE_STEP or target < entry.expires
+    return target == _NEVER != expires or target - expires > SLIDE_STEP or target < expires
 
 
 def _stamp(now: float) -> int:
@@ -560,8 +620,9 @@ class _Env:
         self.pid = os.getpid()
         self.dbs = _Dbs(self.lmdb)
         self.open = True
+        self._closing = False  # a fork waits to close it: no new transaction starts
         self._active = 0
-        self._idle = threading.Condition()
+        self._counting = threading.Lock()
         self.lmdb.reader_check()
 
     @classmethod
@@ -569,33 +630,46 @@ class _Env:
         name = str(path.absolute())
         with cls._guard:
             env = cls._open.get(name)
-            if env is None or not env.open or env.pid != os.getpid():
+            if env is None or not env.usable():
                 env = cls._open[name] = cls(path, _map_size(max_bytes))
             return env
 
-    def begin(self, write: bool) -> "_Txn":
-        """A transaction; raises :class:`_Closed` if a fork closed the environment meanwhile."""
-        with self._idle:
-            if not self.open:
+    def usable(self) -> bool:
+        """Open in this process, and no fork waiting to close it."""
+        return self.open and not self._closing and self.pid == os.getpid()
+
+    def begin(self, write: bool, buffers: bool = False) -> "_Txn":
+        """A transaction; raises :class:`_Closed` if a fork closed the environment meanwhile.
+
+        ``buffers=True``: values are memoryviews into the map, valid inside the transaction only.
+        """
+        with self._counting:
+            if not self.open or self._closing:
                 raise _Closed
             self._active += 1
         try:
-            return _Txn(self, self.lmdb.begin(write=write, buffers=False))
+            return _Txn(self, self.lmdb.begin(write=write, buffers=buffers))
         except BaseException:
             self.done()
             raise
 
     def done(self) -> None:
-        with self._idle:
+        with self._counting:
             self._active -= 1
-            if self._active == 0:
-                self._idle.notify_all()
 
     def close_for_fork(self) -> None:
-        with self._idle:
-            self._idle.wait_for(lambda: self._active == 0, timeout=5.0)
-            self.open = False
-            self.lmdb.close()
+        """Close once the transactions running in other threads are over (new ones wait for the
+        reopened environment)."""
+        with self._counting:
+            self._closing = True
+        deadline = time.monotonic() + 30.0
+        while True:
+            with self._counting:
+                if self._active == 0 or time.monotonic() >= deadline:
+                    self.open = False
+                    self.lmdb.close()
+                    return
+            time.sleep(0.0005)
 
     @classmethod
     def close_all_for_fork(cls) -> None:
