@@ -33,7 +33,8 @@ Views (``GET``; all answer ``200`` with a short ``text/plain`` body):
 ``/mutate``     in-place mutation: appends to ``session["cart"]["items"]`` (kept to its last 8
                 entries) and *never* tells the session layer (no ``modified = True``)
 ``/untouched``  never touches the session
-``/value``      read-only: ``{"counter": ..., "last_item": ...}`` as JSON (verification)
+``/value``      read-only: ``{"counter": ..., "last_item": ..., "pid": ...}`` as JSON (verification; ``pid``
+                is the worker process that answered)
 ``/health``     never touches the session
 
 Each session layer is used the way its documentation says: assignments are
@@ -43,7 +44,8 @@ default) needs ``session.save()`` after a change, which ``/new`` and
 
 ``gunicorn 'apps:app_from_env()'`` (with ``--chdir benchmarks``) builds the app
 named by ``BENCH_CONTENDER``, ``BENCH_STORE``, ``BENCH_URL`` (and optionally
-``BENCH_SECRET``, ``BENCH_MAX_INACTIVE``).
+``BENCH_SECRET``, ``BENCH_MAX_INACTIVE``, and ``BENCH_SETTINGS``: a JSON object of more
+sessionstore settings, e.g. ``{"node_dir": "/dev/shm/x"}``, for the sessionstore contenders).
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ def _views(app: Flask, get: Callable[[], Any], commit: Callable[[Any], None]) ->
     def value() -> tuple[str, int, dict]:
         s = get()
         items = (s.get("cart") or {}).get("items") or [0]
-        body = json.dumps({"counter": s.get("counter"), "last_item": items[-1]})
+        body = json.dumps({"counter": s.get("counter"), "last_item": items[-1], "pid": os.getpid()})
         return body, 200, {"Content-Type": "application/json"}
 
 
@@ -260,7 +262,8 @@ def _sessionstore_wsgi(url: str, secret: str, max_inactive: int, extra: dict) ->
         elif path == "/value":
             s = get_session(environ)
             items = (s.get("cart") or {}).get("items") or [0]
-            body, kind = json.dumps({"counter": s.get("counter"), "last_item": items[-1]}).encode(), "application/json"
+            body = json.dumps({"counter": s.get("counter"), "last_item": items[-1], "pid": os.getpid()}).encode()
+            kind = "application/json"
         elif path not in ("/untouched", "/health"):
             start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", "0")])
             return [b""]
@@ -340,10 +343,13 @@ def _beaker(store: str, url: str, secret: str, max_inactive: int) -> Any:
 
 def app_from_env() -> Any:
     """gunicorn entry point: ``gunicorn 'apps:app_from_env()'``."""
+    contender = os.environ["BENCH_CONTENDER"]
+    extra = json.loads(os.environ.get("BENCH_SETTINGS") or "{}") if contender.startswith("sessionstore") else {}
     return create_app(
-        os.environ["BENCH_CONTENDER"],
+        contender,
         os.environ["BENCH_STORE"],
         os.environ.get("BENCH_URL", ""),
         secret=os.environ.get("BENCH_SECRET", DEFAULT_SECRET),
         max_inactive=int(os.environ.get("BENCH_MAX_INACTIVE", DEFAULT_MAX_INACTIVE)),
+        **extra,
     )
