@@ -505,16 +505,23 @@ end
 class Gunicorn:
     """``gunicorn 'apps:app_from_env()'`` on a free port; stopped by pid (master, then each worker)."""
 
-    def __init__(self, contender: str, servers: BenchServers, workers: int, worker_class: str, workdir: Path) -> None:
+    def __init__(self, contender: str, servers: BenchServers, workers: int, worker_class: str, workdir: Path,
+                 env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()) -> None:
+        """``env``: more environment (``BENCH_SETTINGS``, ``BENCH_MAX_INACTIVE``); ``extra_args``: gunicorn options."""
         self.contender = contender
         self.port = free_port()
-        env = dict(os.environ, BENCH_CONTENDER=contender, BENCH_STORE="redis", BENCH_URL=servers.redis_url,
-                   PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
+        # the caller's PYTHONPATH stays (peers installed with pip --target outside the virtualenv)
+        path = [str(ROOT), str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        self.env = {"BENCH_CONTENDER": contender, "BENCH_STORE": "redis", "BENCH_URL": servers.redis_url,
+                    **(env or {})}
+        env = dict(os.environ, **self.env, PYTHONPATH=os.pathsep.join(path))
         gunicorn = Path(sys.executable).with_name("gunicorn")
         argv = [str(gunicorn) if gunicorn.exists() else require_binary("gunicorn"),
                 "--workers", str(workers), "--worker-class", worker_class,
                 "--bind", f"127.0.0.1:{self.port}", "--chdir", str(HERE),
-                "--log-level", "warning", "--backlog", "2048", "apps:app_from_env()"]
+                "--log-level", "warning", "--backlog", "2048", *extra_args, "apps:app_from_env()"]
+        #: the command line (for printing what made a table)
+        self.argv = argv
         self.log = open(workdir / f"gunicorn-{contender}.log", "wb")
         self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=HERE)
@@ -636,9 +643,14 @@ def _check_reads(base: str, cookies: list[str], contender: str) -> str:
     return ""
 
 
-def _run_wrk(url: str, script: Path, cookies_file: Path, threads: int, connections: int, seconds: float) -> dict:
-    argv = [require_binary("wrk"), "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
+def wrk_argv(url: str, script: Path, cookies_file: Path, threads: int, connections: int, seconds: float) -> list[str]:
+    """The ``wrk`` command line of one run."""
+    return [require_binary("wrk"), "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
             "--timeout", "5s", "-s", str(script), url, "--", str(cookies_file)]
+
+
+def _run_wrk(url: str, script: Path, cookies_file: Path, threads: int, connections: int, seconds: float) -> dict:
+    argv = wrk_argv(url, script, cookies_file, threads, connections, seconds)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
     for line in done.stdout.splitlines():
         if line.startswith("BENCH_JSON "):
@@ -662,8 +674,13 @@ class Throughput:
 
 def measure_throughput(servers: BenchServers, contenders: tuple[str, ...], seconds: float, warmup: float,
                        repeat: int, workers: int, worker_class: str, threads: int, connections: int,
-                       sessions: int) -> dict[str, Throughput]:
-    """Every contender's gunicorn up at once; ``repeat`` rounds of one wrk run each, order rotated."""
+                       sessions: int, env: dict[str, str] | None = None,
+                       commands: list[str] | None = None) -> dict[str, Throughput]:
+    """Every contender's gunicorn up at once; ``repeat`` rounds of one wrk run each, order rotated.
+
+    ``env``: more environment for every gunicorn (see :class:`Gunicorn`); ``commands``, if given,
+    receives the gunicorn and wrk command lines used.
+    """
     workdir = Path(tempfile.mkdtemp(prefix="sessionstore-peers-"))
     script = workdir / "cookies.lua"
     script.write_text(WRK_SCRIPT)
@@ -675,7 +692,10 @@ def measure_throughput(servers: BenchServers, contenders: tuple[str, ...], secon
     cpu: dict[str, list[float]] = {c: [0.0, 0.0] for c in contenders}  # worker, redis seconds
     try:
         for contender in contenders:
-            running[contender] = server = Gunicorn(contender, servers, workers, worker_class, workdir)
+            running[contender] = server = Gunicorn(contender, servers, workers, worker_class, workdir, env=env)
+            if commands is not None:
+                commands.append(" ".join(f"{k}={v}" for k, v in server.env.items() if k != "BENCH_URL")
+                                + " " + " ".join(server.argv))
             if contender == "bare":
                 cookies = ["x=1"]
             else:
@@ -683,8 +703,11 @@ def measure_throughput(servers: BenchServers, contenders: tuple[str, ...], secon
             files[contender] = workdir / f"cookies-{contender}.txt"
             files[contender].write_text("\n".join(cookies) + "\n")
             problems[contender] = "" if contender == "bare" else _check_reads(server.url, cookies, contender)
+        if commands is not None:
+            commands.append(" ".join(wrk_argv("http://127.0.0.1:PORT/read", script, workdir / "cookies-CONTENDER.txt",
+                                              threads, connections, seconds)))
         with slowlog_off(servers), redis_client(servers.redis.port) as client:
-            for contender in contenders:  # warm up (sticky: each worker loads the sessions into its cache)
+            for contender in contenders:  # warm up (connections, scripts, each worker's first request)
                 _run_wrk(running[contender].url + "/read", script, files[contender], threads, connections, warmup)
             for r in range(repeat):
                 order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
@@ -741,8 +764,8 @@ def print_throughput(res: dict[str, Throughput], seconds: float, repeat: int, wo
     print("  redis-server (INFO cpu) over the runs / requests: less sensitive to other load than requests/s.")
     print("  read-back: sessions created before the runs read back over HTTP after them.")
     if "sessionstore-sticky" in res and workers > 1:
-        print(f"  Sticky: the {workers} workers share node_id n1, each with its own local cache (each loads a session")
-        print("  from the backup once). That is only safe for read-only traffic like this one; see benchmarks/README.md.")
+        print(f"  Sticky: the {workers} workers share node_id n1 and its node copy (one LMDB environment on tmpfs):")
+        print("  a session created through one worker is read by every worker without a store command.")
     print(f"\nRatios sessionstore / peer (median requests/s; target vs Flask-Session >= {THROUGHPUT_TARGET:g}):")
     for ss in SESSIONSTORE:
         if ss not in res:
