@@ -47,6 +47,7 @@ import gc
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -694,8 +695,8 @@ def measure_throughput(servers: BenchServers, contenders: tuple[str, ...], secon
         for contender in contenders:
             running[contender] = server = Gunicorn(contender, servers, workers, worker_class, workdir, env=env)
             if commands is not None:
-                commands.append(" ".join(f"{k}={v}" for k, v in server.env.items() if k != "BENCH_URL")
-                                + " " + " ".join(server.argv))
+                commands.append(" ".join(f"{k}={shlex.quote(v)}" for k, v in server.env.items() if k != "BENCH_URL")
+                                + " " + shlex.join(server.argv))
             if contender == "bare":
                 cookies = ["x=1"]
             else:
@@ -704,7 +705,7 @@ def measure_throughput(servers: BenchServers, contenders: tuple[str, ...], secon
             files[contender].write_text("\n".join(cookies) + "\n")
             problems[contender] = "" if contender == "bare" else _check_reads(server.url, cookies, contender)
         if commands is not None:
-            commands.append(" ".join(wrk_argv("http://127.0.0.1:PORT/read", script, workdir / "cookies-CONTENDER.txt",
+            commands.append(shlex.join(wrk_argv("http://127.0.0.1:PORT/read", script, workdir / "cookies-CONTENDER.txt",
                                               threads, connections, seconds)))
         with slowlog_off(servers), redis_client(servers.redis.port) as client:
             for contender in contenders:  # warm up (connections, scripts, each worker's first request)
