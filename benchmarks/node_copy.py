@@ -622,7 +622,7 @@ def measure_overhead(servers: BenchServers, dirs: NodeDirs, args: argparse.Names
                                "samples": samples, "commands_during_timing": during}
         out["median"] = {name: (statistics.median(w for w, _ in s), statistics.median(c for _, c in s))
                          for name, s in samples.items()}
-        out["breakdown"] = _breakdown(node_mw, dict_mw, cells, sizes["2 KB"], args)
+        out["breakdown"] = _breakdown(node_mw, dict_mw, cells, sizes, args)
         out["profile"] = None
         return out
     finally:
@@ -651,12 +651,13 @@ def _count_transactions(app: Any, environ: dict, seconds: float) -> tuple[int, i
     return reads, counts[False], counts[True]
 
 
-def _breakdown(node_mw: SessionMiddleware, dict_mw: SessionMiddleware, cells: dict, size: dict,
+def _breakdown(node_mw: SessionMiddleware, dict_mw: SessionMiddleware, cells: dict, sizes: dict,
                args: argparse.Namespace) -> dict:
     """What one read of the 2 KB session costs, step by step, on the node copy and on the dict."""
     node_sticky, dict_sticky = node_mw.manager._sticky, dict_mw.manager._sticky
     local: LocalStore = node_sticky.local
     memory: MemoryStore = dict_sticky.local
+    size = sizes["2 KB"]
     key, dict_key = size["key"], size["dict_key"]
     ttl = node_mw.manager.settings.max_inactive
     bk = f"{key}:bk"
@@ -687,8 +688,18 @@ def _breakdown(node_mw: SessionMiddleware, dict_mw: SessionMiddleware, cells: di
         ("StickyStore.fetch(session key), dict", lambda: dict_sticky.fetch(dict_key, ttl)),
     ]
     micro = [(label, _micro(fn, n, rounds)) for label, fn in steps]
+    per_size = []
+    for label, info in sizes.items():
+        with env.lmdb.begin(buffers=False) as txn:
+            stored = bytes(txn.get(info["key"].encode(), db=dbs.s))
+        packed = bool(_HEAD.unpack_from(stored)[3] & _ZLIB)
+        body_of = stored[_HEAD.size:]
+        per_size.append((label, info["payload"], len(stored), packed,
+                         _micro(lambda: zlib.decompress(body_of), n, rounds) if packed else 0.0,
+                         _micro(lambda: local.load(info["key"]), n, rounds)))
     return {"reads": reads, "read_txns": rtx, "write_txns": wtx, "seconds": args.txn_seconds,
-            "stored": len(raw), "compressed": bool(flags & _ZLIB), "payload": size["payload"], "micro": micro}
+            "stored": len(raw), "compressed": bool(flags & _ZLIB), "payload": size["payload"], "micro": micro,
+            "per_size": per_size}
 
 
 def _profile_rows(run: Callable[[], Any], n: int) -> tuple[list[tuple[str, float, float, float]], dict[str, float]]:
@@ -713,7 +724,7 @@ def _group(filename: str, func: str) -> str:
     path = filename.replace("\\", "/")
     if filename == "~":
         name = func.strip("<>").replace("built-in method ", "").replace("method ", "")
-        if "lmdb" in name:
+        if any(part in name for part in ("lmdb", "'Transaction'", "'Environment'", "'Cursor'")):
             return "builtin: lmdb (py-lmdb's C calls)"
         return f"builtin: {name}"
     if "/site-packages/" in path:
@@ -803,6 +814,9 @@ def print_overhead(res: dict, args: argparse.Namespace, command: str, mets: list
     print(f"    {'step':72} {'us/call':>8}")
     for label, us in b["micro"]:
         print(f"    {label:72} {us:>8.2f}")
+    print(f"    {'session':8} {'payload B':>9} {'in LMDB B':>9} {'zlib':>5} {'decompress us':>13} {'LocalStore.load us':>18}")
+    for label, payload, stored, packed, unzip, load in b["per_size"]:
+        print(f"    {label:8} {payload:>9} {stored:>9} {'yes' if packed else 'no':>5} {unzip:>13.2f} {load:>18.2f}")
     micro = dict(b["micro"])
     node_fetch = micro["StickyStore.fetch(session key), node copy"]
     dict_fetch = micro["StickyStore.fetch(session key), dict"]
@@ -1116,7 +1130,8 @@ def measure_memory(servers: BenchServers, dirs: NodeDirs, args: argparse.Namespa
                 ("JSON sessions, per-process dict (old primary)", {}, True)]
     out = []
     for label, extra, as_dict in variants:
-        mw = sticky_middleware(servers, dirs, "memory", local_cache_sessions=max(20_000, 2 * count), **extra)
+        # room for every session (the dict counts the ':bk' ledger records as entries too): nothing is evicted
+        mw = sticky_middleware(servers, dirs, "memory", local_cache_sessions=max(50_000, 4 * count + 100), **extra)
         try:
             memory = use_dict_primary(mw) if as_dict else None
             local: LocalStore = mw.manager._sticky.local if not as_dict else None  # type: ignore[assignment]
