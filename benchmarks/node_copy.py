@@ -635,9 +635,9 @@ def _count_transactions(app: Any, environ: dict, seconds: float) -> tuple[int, i
     counts = {True: 0, False: 0, "env": 0}
     original, original_env = _Env.begin, LocalStore._env_for
 
-    def begin(self: _Env, write: bool) -> Any:
+    def begin(self: _Env, write: bool, **options: Any) -> Any:
         counts[bool(write)] += 1
-        return original(self, write)
+        return original(self, write, **options)
 
     def env_for(self: LocalStore) -> Any:
         counts["env"] += 1

@@ -161,7 +161,7 @@ class LocalStore:
 
     def _env_for(self) -> "_Env":
         env = self._env
-        if env is not None and env.usable():
+        if env is not None and env.open and not env._closing and env.pid == _pid():
             return env
         with self._open_lock:
             env = self._env
@@ -209,9 +209,8 @@ class LocalStore:
         if found is None:
             return None
         data, version, expires, stamp = found
-        slid = _needs_slide(expires, ttl, now)
-        if slid or (not is_companion(key) and _stamp(now) - stamp > 1000 * SLIDE_STEP):
-            self._retouch(key, ttl, version)
+        if _needs_slide(expires, ttl, now) or (now * 1000 - stamp > 2000 * SLIDE_STEP and "}:" not in key):
+            self._retouch(key, ttl, version)  # the expiry (or the LRU stamp) is a second behind
         return Record(data, version)
 
     def _look(self, key: str, now: float) -> tuple[bytes, int, float, int] | None:
@@ -220,9 +219,13 @@ class LocalStore:
         The header is read in place; the payload comes from this process's
         recent reads when their version is the stored one (a version is never
         reused), so a hot session is neither copied nor decompressed again.
+        (The hot path of every sticky read: written out, without the
+        transaction wrappers.)
         """
-        with self._read(buffers=True) as txn:
-            raw = txn.get(key.encode(), db=self._db_of(key))
+        handle = self._begin(write=False, buffers=True)
+        env, txn = handle.env, handle.txn
+        try:
+            raw = txn.get(key.encode(), db=env.dbs.c if "}:" in key else env.dbs.s)
             if raw is None:
                 return None
             version, expires, stamp, flags = _HEAD.unpack_from(raw)
@@ -233,7 +236,12 @@ class LocalStore:
                 body = raw[_HEAD.size:]
                 data = zlib.decompress(body) if flags & _ZLIB else bytes(body)
                 self._recent.put(key, version, data)
-        return data, version, expires, stamp
+            return data, version, expires, stamp
+        except lmdb.Error as exc:
+            raise _unavailable(exc, self.path) from None
+        finally:
+            txn.abort()
+            env.done()
 
     def save(self, key: str, data: bytes, ttl: int | None, expect: Any = ANY) -> SaveResult:
         self._tally()
@@ -492,12 +500,9 @@ class _Recent:
         self._lock = threading.Lock()
 
     def get(self, key: str, version: int) -> bytes | None:
-        with self._lock:
-            found = self._entries.get(key)
-            if found is None or found[0] != version:
-                return None
-            self._entries.move_to_end(key)
-            return found[1]
+        """(A dict lookup is atomic: no lock on the read path; the order is by last write.)"""
+        found = self._entries.get(key)
+        return found[1] if found is not None and found[0] == version else None
 
     def put(self, key: str, version: int, data: bytes) -> None:
         if len(data) > self._max_bytes // 8:
@@ -583,6 +588,9 @@ def _positive(name: str, text: str) -> int:
 
 def _no_count(n: int = 1) -> None:
     pass
+
+
+_pid = os.getpid
 
 
 # -- environments: one per directory per process --------------------------------------------------
