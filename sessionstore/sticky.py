@@ -32,7 +32,6 @@ here be checked against the store once, on its next use.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -40,10 +39,11 @@ import time
 from typing import Any, Callable, Sequence
 
 from .backup import BackupWriter
-from .errors import StoreError
+from .errors import CorruptPayload, StoreError
 from .settings import Settings
 from .stores.base import ANY, INDEX_SUFFIX, Record, SaveResult, Store, companion_key, is_companion
 from .stores.memory import MemoryStore
+from .tombstones import read_stone
 
 __all__ = ["StickyStore", "BACKUP_SLACK", "DESTROYED_MEMORY"]
 
@@ -142,12 +142,12 @@ class StickyStore:
             if key not in self._suspects:
                 return True
             self._suspects.discard(key)
-        if self.remote.load_and_touch(key, _backup_ttl(ttl)) is not None:
-            return True
-        stone = self.shared.load(companion_key(key, "t"))
         try:
-            state = json.loads(stone.data)["s"] if stone is not None else None
-        except (ValueError, KeyError, TypeError):
+            if self.remote.load_and_touch(key, _backup_ttl(ttl)) is not None:
+                return True
+            stone = self.shared.load(companion_key(key, "t"))
+            state = read_stone(stone.data).state if stone is not None else None
+        except CorruptPayload:  # an unreadable backup or tombstone condemns nothing
             state = None
         if state in _FINAL_STATES:
             self.drop_session(key, everywhere=False)
