@@ -66,7 +66,7 @@ _ESCAPE = re.compile(r"\\.", re.S)
 _STRING = re.compile(r'"[^"]*"')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
-_json_decode = json.JSONDecoder().decode
+_scan = json.JSONDecoder().scan_once
 #: Times in stored metadata lie in [0, this]: year 5138, far beyond any real clock,
 #: small enough that every TTL computed from them fits every store.
 _LATEST_EPOCH = 1e11
@@ -79,13 +79,12 @@ _TOKEN = re.compile(r"[\x21-\x7e]{1,255}")
 def too_deep(document: str, limit: int = MAX_DEPTH) -> bool:
     """Whether the JSON text ``document`` nests arrays and objects deeper than ``limit``.
 
-    Linear time and C-speed: a document with at most ``limit`` brackets is
-    answered by counting them; otherwise escapes and then strings are cut
+    Linear time and C-speed: a document with at most ``limit`` brackets
+    cannot be deeper (:func:`json_document` counts them itself before calling
+    this); otherwise escapes and then strings are cut
     out (exact for valid JSON, where a backslash only occurs in a string) and
     the running depth of the brackets left is taken.
     """
-    if document.count("[") + document.count("{") <= limit:
-        return False
     structure = _NOT_BRACKET.sub("", _STRING.sub("", _ESCAPE.sub("", document)))
     return max(accumulate(map(_DEPTH_STEP.__getitem__, structure)), default=0) > limit
 
@@ -106,21 +105,22 @@ def value_too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
     return False
 
 
-def json_document(data: bytes | str, part: str, *, decode: Callable[[str], Any] = _json_decode) -> Any:
-    """The JSON value in ``data`` (UTF-8 when bytes), nested at most :data:`MAX_DEPTH` deep.
+def json_document(data: bytes | str, part: str, *, scan: Callable[[str, int], tuple[Any, int]] = _scan) -> Any:
+    """The one JSON value that fills ``data`` (UTF-8 when bytes), nested at most :data:`MAX_DEPTH` deep.
 
-    ``decode`` parses the text (a ``JSONDecoder(...).decode`` with hooks, say);
-    whatever it or the UTF-8 decoding raises becomes :class:`CorruptPayload`
-    of ``part``.
+    ``scan`` is a JSON scanner's ``scan_once`` (of a ``JSONDecoder`` with hooks,
+    say); the value must span the whole text, as every writer here writes it
+    (no surrounding whitespace). Whatever the UTF-8 decoding, the scanner or
+    its hooks raise becomes :class:`CorruptPayload` of ``part``.
     """
     try:
-        document = data if isinstance(data, str) else data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CorruptPayload(f"{part}: not UTF-8 ({exc.reason} at byte {exc.start})", part=part) from None
-    if too_deep(document):
-        raise CorruptPayload(f"{part}: nested deeper than {MAX_DEPTH} levels", part=part)
-    try:
-        return decode(document)
+        document = data if type(data) is str else data.decode("utf-8")
+        if document.count("[") + document.count("{") > MAX_DEPTH and too_deep(document):
+            raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+        value, end = scan(document, 0)  # StopIteration: no value at all
+        if end != len(document):
+            raise ValueError(f"extra data at character {end}")
+        return value
     except (ValueError, TypeError, ArithmeticError, RecursionError, StopIteration) as exc:
         raise CorruptPayload(f"{part}: {type(exc).__name__}: {str(exc)[:200]}", part=part) from None
 

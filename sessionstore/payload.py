@@ -39,8 +39,9 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import accumulate, repeat
 from json.encoder import encode_basestring_ascii
+from operator import add
 from typing import Iterable
 
 from . import decoding
@@ -90,18 +91,19 @@ class AttributeTable:
     """Every attribute of one payload, parsed once: O(1) lookup by name, stored order kept.
 
     Built by :meth:`parse`, which validates the whole index. Positions are
-    absolute in the payload's data. Generations and lineages are converted
+    kept relative to the blob section; generations and lineages are converted
     only when asked for (a save, a merge), not for reads.
     """
 
-    __slots__ = ("names", "_rows", "_starts", "_ends", "_generations", "_lineages")
+    __slots__ = ("names", "_rows", "_at", "_starts", "_ends", "_generations", "_lineages")
 
-    def __init__(self, names: list[str], starts: list[int], ends: list[int],
+    def __init__(self, names: list[str], at: int, starts: list[int], ends: list[int],
                  generations: list[bytes], lineages: list[bytes]) -> None:
         self.names = names
         self._rows = dict(zip(names, range(len(names))))
         if len(self._rows) != len(names):
             raise _corrupt_index("an attribute name occurs twice")
+        self._at = at
         self._starts = starts
         self._ends = ends
         self._generations: list[bytes] | list[int] = generations
@@ -112,55 +114,57 @@ class AttributeTable:
         """The table of ``index`` (lines ``\\n<JSON name>\\x1f<offset>\\x1f<length>\\x1f<gen>\\x1f<lineage>``)
         over a blob section of ``blobs_size`` bytes at ``blobs_at``.
 
-        C-speed passes over the whole index, a constant number of them: split
-        into fields, one JSON parse of all names, checks over whole columns.
+        A constant number of C-speed passes over the whole index: split into
+        fields, one JSON parse of all names, checks over whole columns.
         """
         if not index:
-            return cls([], [], [], [], [])
+            return cls([], blobs_at, [], [], [], [])
         fields = index.replace(b"\n", _SEP).split(_SEP)
         if len(fields) % 5 != 1 or fields[0]:
             raise _corrupt_index("lines do not have five fields each")
         names = _names(fields[1::5])
         offsets, lengths = _numbers(fields[2::5], "offset"), _numbers(fields[3::5], "length")
         generations, lineages = fields[4::5], fields[5::5]
-        for column, what in ((generations, "generation"), (lineages, "lineage")):
-            if not _digits(column):
-                raise _corrupt_index(f"a {what} is not a number")
+        if not _digits(generations) or not _digits(lineages):
+            raise _corrupt_index("a generation or lineage is not a number")
         ends = list(accumulate(lengths))
-        if [0, *ends[:-1]] != offsets or (ends[-1] if ends else 0) != blobs_size:
+        if offsets[0] != 0 or offsets[1:] != ends[:-1] or ends[-1] != blobs_size:
             raise _corrupt_index("the attributes are not laid end to end over the blob section")
-        return cls(names, [blobs_at + o for o in offsets], [blobs_at + e for e in ends], generations, lineages)
+        return cls(names, blobs_at, offsets, ends, generations, lineages)
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def span(self, name: str) -> tuple[int, int] | None:
+        """``(start, end)`` of ``name`` in the payload's data, or None if absent."""
+        row = self._rows.get(name)
+        return None if row is None else (self._at + self._starts[row], self._at + self._ends[row])
 
     def locate(self, name: str) -> tuple[int, int, Lineage] | None:
         """``(start, end, (generation, lineage))`` of ``name``, or None if absent."""
         row = self._rows.get(name)
         if row is None:
             return None
-        return self._starts[row], self._ends[row], self.lineage_at(row)
+        return self._at + self._starts[row], self._at + self._ends[row], self._lineage(row)
 
-    def span(self, name: str) -> tuple[int, int] | None:
-        """``(start, end)`` of ``name``, or None if absent (no lineage converted)."""
-        row = self._rows.get(name)
-        return None if row is None else (self._starts[row], self._ends[row])
-
-    def lineage_at(self, row: int) -> Lineage:
-        if self._generations and type(self._generations[0]) is bytes:
+    def _lineage(self, row: int) -> Lineage:
+        if type(self._generations[0]) is bytes:
             self._generations = list(map(int, self._generations))
             self._lineages = list(map(int, self._lineages))
         return self._generations[row], self._lineages[row]  # type: ignore[return-value]
 
     def spans(self) -> Iterable[tuple[str, int, int]]:
         """``(name, start, end)`` of every attribute, in stored order."""
-        return zip(self.names, self._starts, self._ends)
+        at = repeat(self._at)
+        return zip(self.names, map(add, self._starts, at), map(add, self._ends, at))
 
     def entries(self) -> list[tuple[str, int, int, Lineage]]:
         """``(name, start, end, (generation, lineage))`` of every attribute, in stored order."""
-        if self.names:
-            self.lineage_at(0)
-        return list(zip(self.names, self._starts, self._ends, zip(self._generations, self._lineages)))
+        if not self.names:
+            return []
+        self._lineage(0)
+        return [(name, start, end, lineage) for (name, start, end), lineage
+                in zip(self.spans(), zip(self._generations, self._lineages))]
 
 
 def _names(raw: list[bytes]) -> list[str]:
@@ -168,7 +172,7 @@ def _names(raw: list[bytes]) -> list[str]:
     (so a single lookup, which searches for that encoding, and the table always agree)."""
     joined = b",".join(raw)
     names = decoding.json_document(b"[" + joined + b"]", _INDEX)
-    if type(names) is not list or len(names) != len(raw) or not all(type(n) is str for n in names):
+    if type(names) is not list or len(names) != len(raw) or set(map(type, names)) != {str}:
         raise _corrupt_index("an attribute name is not a JSON string")
     if ",".join(map(encode_basestring_ascii, names)).encode("ascii") != joined:
         raise _corrupt_index("an attribute name is not in its canonical encoding")

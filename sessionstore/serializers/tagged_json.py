@@ -116,14 +116,6 @@ def _untag(obj: dict) -> Any:
 _scan = json.JSONDecoder(object_hook=_untag).scan_once
 
 
-def _parse(document: str) -> Any:
-    """One JSON value filling ``document`` exactly (the encoder writes no whitespace)."""
-    value, end = _scan(document, 0)  # StopIteration when there is no value at all
-    if end != len(document):
-        raise ValueError(f"extra data at character {end}")
-    return value
-
-
 class TaggedJSONSerializer:
     """The default serializer. Exact types only: subclasses of the supported
     types (a ``str`` enum, an ``OrderedDict``) are refused rather than silently
@@ -145,8 +137,8 @@ class TaggedJSONSerializer:
         for bytes that are not UTF-8 or not one JSON value, nesting deeper than
         :data:`~sessionstore.decoding.MAX_DEPTH`, a tag holding the wrong type, and a string
         with a lone surrogate (it could not be written back: the dirty check would fail)."""
-        value = decoding.json_document(data, "attribute", decode=_parse)
-        if b"\\ud" in data or b"\\uD" in data:  # surrogate escapes, never written by dumps
+        value = decoding.json_document(data, "attribute", scan=_scan)
+        if b"\\" in data and (b"\\ud" in data or b"\\uD" in data):  # surrogate escapes: dumps writes none
             try:
                 self.dumps(value, "")
             except (SerializationError, ValueError):  # UnicodeEncodeError on the str fast path
