@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 
+import msgpack
 import pytest
+from hypothesis import given, settings, strategies as st
 
 
 from sessionstore import CorruptPayload, SessionMiddleware, decoding
@@ -331,3 +333,58 @@ def test_lock_tokens_are_printable_ascii():
     for bad in (b"", b"has space", b"\xff\xfe", b"x" * 256):
         with pytest.raises(CorruptPayload):
             decoding.lock_token(bad)
+
+
+# -- fuzzing the decoders: CorruptPayload is their only failure -------------------------------------
+
+TAGS = [" t", " s", " f", " b", " d", " D", " u", " n", " m", " x", ""]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+    | st.sampled_from(["2020-01-01", "2020-01-01T00:00:00@1", "@", "AAAA", "ffffffffffffffffffffffffffffffff"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(TAGS) | st.text(max_size=3), inner,
+                                                                max_size=3),
+    max_leaves=12,
+)
+FUZZ = settings(max_examples=400, deadline=None)
+
+
+@FUZZ
+@given(value=json_values)
+def test_attribute_decoding_raises_only_corrupt_payload(value):
+    """What decodes can also be written back (the dirty check re-encodes every value read)."""
+    blobs = {JSON: json.dumps(value).encode()}
+    try:
+        blobs[get_serializer("msgpack", [])] = msgpack.packb(value)
+    except (OverflowError, ValueError):  # beyond 64 bits: not a value msgpack itself writes
+        pass
+    for serializer, blob in blobs.items():
+        try:
+            serializer.dumps(serializer.loads(blob), "fuzz")
+        except CorruptPayload:
+            pass
+
+
+@FUZZ
+@given(value=json_values, data=st.binary(max_size=80))
+def test_store_record_readers_raise_only_corrupt_payload(value, data):
+    from sessionstore.stores.memcached import _read_entries, _read_reverse
+
+    for raw in (json.dumps(value).encode(), data):
+        for read in (read_stone, read_message, _read_entries, _read_reverse, decoding.lock_token):
+            try:
+                read(raw)
+            except CorruptPayload:
+                pass
+
+
+@FUZZ
+@given(head=json_values, index=st.binary(max_size=40), blobs=st.binary(max_size=20))
+def test_payload_decoding_raises_only_corrupt_payload(head, index, blobs):
+    meta = json.dumps(head).encode()
+    data = b"SS2" + len(meta).to_bytes(4, "big") + meta + len(index).to_bytes(4, "big") + index + blobs
+    try:
+        payload = decode(data)
+        for name in payload.names():
+            payload.blob(name)
+    except CorruptPayload:
+        pass
