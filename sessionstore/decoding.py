@@ -69,7 +69,7 @@ _DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 _scan = json.JSONDecoder().scan_once
 #: Times in stored metadata lie in [0, this]: year 5138, far beyond any real clock,
 #: small enough that every TTL computed from them fits every store.
-_LATEST_EPOCH = 1e11
+LATEST_EPOCH = 1e11
 #: Integers in stored metadata (timeouts in seconds) stay within 32 bits.
 _INT_RANGE = (-(2**31), 2**31 - 1)
 #: A lock holder's token (``LockingStore``): printable ASCII without spaces, 1-255 characters.
@@ -111,7 +111,8 @@ def json_document(data: bytes | str, part: str, *, scan: Callable[[str, int], tu
     ``scan`` is a JSON scanner's ``scan_once`` (of a ``JSONDecoder`` with hooks,
     say); the value must span the whole text, as every writer here writes it
     (no surrounding whitespace). Whatever the UTF-8 decoding, the scanner or
-    its hooks raise becomes :class:`CorruptPayload` of ``part``.
+    its hooks raise becomes :class:`CorruptPayload` of ``part``, naming the error's type
+    only (its text would quote the stored bytes, which are session content).
     """
     try:
         document = data if type(data) is str else data.decode("utf-8")
@@ -122,7 +123,7 @@ def json_document(data: bytes | str, part: str, *, scan: Callable[[str, int], tu
             raise ValueError(f"extra data at character {end}")
         return value
     except (ValueError, TypeError, ArithmeticError, RecursionError, StopIteration) as exc:
-        raise CorruptPayload(f"{part}: {type(exc).__name__}: {str(exc)[:200]}", part=part) from None
+        raise CorruptPayload(f"bad {part} ({type(exc).__name__})", part=part) from None
 
 
 def field(document: Mapping[str, Any], name: str, part: str, check: Callable[[Any, str, str], Any],
@@ -130,14 +131,15 @@ def field(document: Mapping[str, Any], name: str, part: str, check: Callable[[An
     """``check(document[name], name, part)``; a missing field is ``default`` (or corrupt without one)."""
     if name not in document:
         if default is ...:
-            raise CorruptPayload(f"{part}: field {name!r} missing", part=part)
+            raise CorruptPayload(f"bad {part}: field {name!r} missing", part=part)
         return default
     return check(document[name], name, part)
 
 
 def _wrong(value: Any, name: str, part: str, expected: str) -> CorruptPayload:
-    shown = repr(value)
-    return CorruptPayload(f"{part}: field {name!r} is {shown[:60]}, expected {expected}", part=part)
+    """The error for a field of the wrong kind: its name and type, never its value (content)."""
+    return CorruptPayload(f"bad {part}: field {name!r} is a {type(value).__name__}, expected {expected}",
+                          part=part)
 
 
 def finite(value: Any, name: str, part: str) -> float:
@@ -150,7 +152,7 @@ def finite(value: Any, name: str, part: str) -> float:
 def epoch(value: Any, name: str, part: str) -> float:
     """A time in epoch seconds: a finite number between 0 and year 5138."""
     seconds = finite(value, name, part)
-    if not 0.0 <= seconds <= _LATEST_EPOCH:
+    if not 0.0 <= seconds <= LATEST_EPOCH:
         raise _wrong(value, name, part, "a time in epoch seconds")
     return seconds
 
@@ -184,5 +186,5 @@ def lock_token(raw: bytes | str) -> str:
     see :class:`~sessionstore.stores.base.LockingStore`; the manager's are ``secrets.token_urlsafe``)."""
     token = raw if isinstance(raw, str) else raw.decode("ascii", "replace")
     if not _TOKEN.fullmatch(token):
-        raise CorruptPayload(f"lock: holder {token[:40]!r} is not a lock token", part="lock")
+        raise CorruptPayload("bad lock: its holder is not a lock token", part="lock")
     return token

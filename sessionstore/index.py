@@ -132,7 +132,7 @@ class SessionIndex:
         """
         session_id = self.session_id(session_key) if type(session_key) is str else None
         if session_id is None or not ids.is_valid(session_id):
-            raise CorruptPayload(f"index entry: {str(session_key)[:80]!r} is not a session key", part="index entry")
+            raise CorruptPayload("bad index entry: not the key of a session", part="index entry")  # never quoted
         return session_id
 
     @staticmethod

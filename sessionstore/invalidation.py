@@ -238,7 +238,7 @@ def read_message(data: bytes) -> tuple[str, str, list[str]]:
     """
     body = json_document(data, _PART)
     if type(body) is not dict or type(body.get("i")) is not list:
-        raise CorruptPayload(f"{_PART}: not an object with a list of ids", part=_PART)
+        raise CorruptPayload(f"bad {_PART}: not an object with a list of ids", part=_PART)
     origin, reason = field(body, "o", _PART, text), field(body, "r", _PART, text)
     return origin, reason, [i for i in body["i"] if type(i) is str and ids.is_valid(i)]
 

@@ -526,8 +526,9 @@ class SessionManager:
                 raise CorruptPayload("pickled payload, but serializer is not 'pickle': refusing to unpickle")
             try:
                 reader = get_serializer(name, self.settings.secret_keys)
-            except Exception as exc:
-                raise CorruptPayload(f"payload written by serializer {name!r}: {exc}") from None
+            except Exception as exc:  # the name is stored text: not quoted
+                raise CorruptPayload(f"bad payload header: written by a serializer this node cannot "
+                                     f"read ({type(exc).__name__})") from None
             self._readers[name] = reader
         return reader
 

@@ -70,6 +70,7 @@ class Meta:
 
 _SEP = b"\x1f"
 _HEADER = "payload header"
+_LATEST, _INT_LIMIT = decoding.LATEST_EPOCH, 2**31
 _INDEX = "attribute index"
 #: Single lookups (each a scan of the index) before the whole index is parsed into a table.
 _SCANS_BEFORE_TABLE = 8
@@ -84,7 +85,7 @@ def _index_key(name: str) -> bytes:
 
 
 def _corrupt_index(reason: str) -> CorruptPayload:
-    return CorruptPayload(f"{_INDEX}: {reason}", part=_INDEX)
+    return CorruptPayload(f"bad {_INDEX}: {reason}", part=_INDEX)
 
 
 class AttributeTable:
@@ -123,10 +124,14 @@ class AttributeTable:
         if len(fields) % 5 != 1 or fields[0]:
             raise _corrupt_index("lines do not have five fields each")
         names = _names(fields[1::5])
-        offsets, lengths = _numbers(fields[2::5], "offset"), _numbers(fields[3::5], "length")
-        generations, lineages = fields[4::5], fields[5::5]
-        if not _digits(generations) or not _digits(lineages):
-            raise _corrupt_index("a generation or lineage is not a number")
+        del fields[1::5], fields[0]  # the names and the empty head: four numbers per line are left
+        if not _digits(fields):
+            raise _corrupt_index("an offset, length, generation or lineage is not a number")
+        try:
+            offsets, lengths = list(map(int, fields[0::4])), list(map(int, fields[1::4]))
+        except ValueError:  # more digits than int() accepts
+            raise _corrupt_index("a number is out of range") from None
+        generations, lineages = fields[2::4], fields[3::4]
         ends = list(accumulate(lengths))
         if offsets[0] != 0 or offsets[1:] != ends[:-1] or ends[-1] != blobs_size:
             raise _corrupt_index("the attributes are not laid end to end over the blob section")
@@ -163,8 +168,9 @@ class AttributeTable:
         if not self.names:
             return []
         self._lineage(0)
-        return [(name, start, end, lineage) for (name, start, end), lineage
-                in zip(self.spans(), zip(self._generations, self._lineages))]
+        at = repeat(self._at)
+        return list(zip(self.names, map(add, self._starts, at), map(add, self._ends, at),
+                        zip(self._generations, self._lineages)))
 
 
 def _names(raw: list[bytes]) -> list[str]:
@@ -183,16 +189,6 @@ def _digits(column: list[bytes]) -> bool:
     """Whether every field of ``column`` is a decimal number (digits only: no sign, space
     or underscore, which ``int()`` would accept)."""
     return b"".join(column).isdigit() and b"" not in column
-
-
-def _numbers(column: list[bytes], what: str) -> list[int]:
-    """A column of decimal numbers as ints."""
-    if not _digits(column):
-        raise _corrupt_index(f"an {what} is not a number")
-    try:
-        return list(map(int, column))
-    except ValueError:  # more digits than int() accepts
-        raise _corrupt_index(f"an {what} is out of range") from None
 
 
 class Payload:
@@ -243,10 +239,10 @@ class Payload:
                 raise ValueError
             offset, length, generation, lineage = map(int, fields)
         except ValueError:
-            raise CorruptPayload(f"{_INDEX}: bad line for attribute {name!r}", part=_INDEX, attribute=name) from None
+            raise CorruptPayload(f"bad {_INDEX}: line of attribute {name!r}", part=_INDEX, attribute=name) from None
         begin = self._blobs_at + offset
         if begin + length > len(self.data):
-            raise CorruptPayload(f"{_INDEX}: attribute {name!r} runs past the end of the payload",
+            raise CorruptPayload(f"bad {_INDEX}: attribute {name!r} runs past the end of the payload",
                                  part=_INDEX, attribute=name)
         return begin, begin + length, (generation, lineage)
 
@@ -316,20 +312,22 @@ def decode(data: bytes) -> Payload:
     sections add up to its size exactly and every metadata field has its type.
     """
     if data[:3] != _MAGIC or len(data) < 11:
-        raise CorruptPayload(f"{_HEADER}: not a sessionstore payload (bad magic)", part=_HEADER)
+        raise CorruptPayload(f"bad {_HEADER}: not a sessionstore payload (bad magic)", part=_HEADER)
     (meta_len,) = _LEN.unpack_from(data, 3)
     meta_end = 7 + meta_len
     if meta_end + 4 > len(data):
-        raise CorruptPayload(f"{_HEADER}: metadata runs past the end of the payload", part=_HEADER)
+        raise CorruptPayload(f"bad {_HEADER}: metadata runs past the end of the payload", part=_HEADER)
     (index_len,) = _LEN.unpack_from(data, meta_end)
     blobs_at = meta_end + 4 + index_len
     head = decoding.json_document(data[7:meta_end], _HEADER)
     if type(head) is not dict:
-        raise CorruptPayload(f"{_HEADER}: metadata is not a JSON object", part=_HEADER)
+        raise CorruptPayload(f"bad {_HEADER}: metadata is not a JSON object", part=_HEADER)
     meta = _meta(head)
-    total = decoding.field(head, "b", _HEADER, _size)
+    total = head.get("b")
+    if type(total) is not int or total < 0:
+        raise CorruptPayload(f"bad {_HEADER}: field 'b' is not a byte count", part=_HEADER)
     if blobs_at + total != len(data):
-        raise CorruptPayload(f"{_HEADER}: payload length mismatch ({blobs_at + total} != {len(data)})", part=_HEADER)
+        raise CorruptPayload(f"bad {_HEADER}: length mismatch ({blobs_at + total} != {len(data)})", part=_HEADER)
     index = data[meta_end + 4:blobs_at]
     if index and index[:1] != b"\n":
         raise _corrupt_index("does not start with a line")
@@ -337,7 +335,18 @@ def decode(data: bytes) -> Payload:
 
 
 def _meta(head: dict) -> Meta:
-    """The :class:`Meta` of a decoded metadata object, every field checked."""
+    """The :class:`Meta` of a decoded metadata object, every field checked (at C speed when they
+    are all as :func:`encode` writes them; field by field, to name the culprit, otherwise)."""
+    get = head.get
+    c, l, i, s, x, t = get("c"), get("l"), get("i"), get("s"), get("x"), get("t")
+    if (type(c) is float and type(l) is float and 0.0 <= c <= _LATEST and 0.0 <= l <= _LATEST
+            and type(i) is int and -_INT_LIMIT <= i < _INT_LIMIT and type(s) is str and s
+            and (t is None or (type(t) is float and 0.0 <= t <= _LATEST))):
+        return Meta(c, l, i, s, {} if x is None else string_lists(x, "x", _HEADER), 0.0 if t is None else t)
+    return _checked_meta(head)
+
+
+def _checked_meta(head: dict) -> Meta:
     field, part = decoding.field, _HEADER
     return Meta(
         created=field(head, "c", part, epoch),
@@ -347,10 +356,3 @@ def _meta(head: dict) -> Meta:
         index=field(head, "x", part, string_lists, default=None) or {},
         tombstoned=field(head, "t", part, epoch, default=0.0),
     )
-
-
-def _size(value: object, name: str, part: str) -> int:
-    """A byte count: an integer >= 0."""
-    if type(value) is not int or value < 0:
-        raise CorruptPayload(f"{part}: field {name!r} is not a byte count", part=part)
-    return value

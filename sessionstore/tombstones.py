@@ -68,7 +68,7 @@ def read_stone(data: bytes) -> _Stone:
     """
     raw = json_document(data, _PART)
     if type(raw) is not dict or raw.get("s") not in STATES:
-        raise CorruptPayload(f"{_PART}: not an object with a known state", part=_PART)
+        raise CorruptPayload(f"bad {_PART}: not an object with a known state", part=_PART)
     until = None if raw.get("u") is None else epoch(raw["u"], "u", _PART)
     return _Stone(raw["s"], field(raw, "w", _PART, epoch), until)
 

@@ -388,3 +388,22 @@ def test_payload_decoding_raises_only_corrupt_payload(head, index, blobs):
             payload.blob(name)
     except CorruptPayload:
         pass
+
+
+@pytest.mark.parametrize("data", [
+    payload({"user": b'"alice"'}, head=b'{"c":"SECRET-c","l":1,"i":60,"s":"json","b":%d}'),
+    payload({"user": b'"alice"'}, head=b'{"c":1,"l":1,"i":60,"s":"SECRET-serializer","b":%d}'),
+    payload({"user": b'"alice"'}, head=b'{"c":1,"l":1,"i":60,"s":"json","b":%d,"x":{"cas":"SECRET-x"}}'),
+    payload({"user": b'{" D": "SECRET-date"}'}),
+    payload({"user": b'{" n": "SECRET-decimal"}'}),
+    _with_index(payload({"user": b'"alice"'}), b'\n"user"\x1f0\x1f7\x1fSECRET\x1f1'),
+])
+def test_what_fails_to_decode_is_named_never_quoted(make, caplog, data):
+    """Stored bytes are session content (issue 14 B): messages name the part and the error type."""
+    mw, client = make()
+    sid, _ = plant(mw, data)
+    with caplog.at_level(logging.DEBUG):
+        response = request(mw, client, sid, "/dict")
+    assert "corrupt-payload" in response.headers["X-Session-Debug"]
+    texts = [record.getMessage() for record in caplog.records] + [str(response.headers), response.get_data(as_text=True)]
+    assert not [text for text in texts if "SECRET" in text]

@@ -126,7 +126,8 @@ class MsgpackSerializer:
         try:
             value = _unpack(data)
         except Exception as exc:  # msgpack raises a variety of errors on garbage
-            raise CorruptPayload(f"attribute: undecodable msgpack: {exc}", part="attribute") from None
+            raise CorruptPayload(f"undecodable msgpack attribute ({type(exc).__name__})", part="attribute") from None
         if len(data) - len(data.translate(None, _OPENERS)) > MAX_DEPTH and value_too_deep(value):
-            raise CorruptPayload(f"attribute: nested deeper than {MAX_DEPTH} levels", part="attribute")
+            raise CorruptPayload(f"undecodable msgpack attribute: nested deeper than {MAX_DEPTH} levels",
+                                 part="attribute")
         return value

@@ -88,7 +88,7 @@ def _decimal(text: str) -> Decimal:
     try:
         return Decimal(text)
     except InvalidOperation:
-        raise ValueError(f"not a decimal: {text[:40]!r}") from None
+        raise ValueError("not a decimal") from None
 
 
 _UNTAG = {
@@ -142,7 +142,7 @@ class TaggedJSONSerializer:
             try:
                 self.dumps(value, "")
             except (SerializationError, ValueError):  # UnicodeEncodeError on the str fast path
-                raise CorruptPayload("attribute: a string holds a lone surrogate", part="attribute") from None
+                raise CorruptPayload("bad attribute: a string holds a lone surrogate", part="attribute") from None
         return value
 
     @staticmethod

@@ -926,8 +926,8 @@ def _read_entries(data: bytes | None) -> dict[str, float | None]:
         return {}
     raw = json_document(data, _RECORD)
     if type(raw) is not dict:
-        raise CorruptPayload(f"{_RECORD}: memcached: a forward index record is not a JSON object", part=_RECORD)
-    return {key: _expiry(value, key) for key, value in raw.items()}
+        raise CorruptPayload(f"bad {_RECORD}: memcached: a forward index record is not a JSON object", part=_RECORD)
+    return {key: _expiry(value, "expiry") for key, value in raw.items()}  # a key names a session: never shown
 
 
 def _write_entries(entries: dict[str, float | None]) -> bytes:
@@ -945,7 +945,7 @@ def _read_reverse(data: bytes | None) -> tuple[float | None, set[str]]:
     raw = json_document(data, _RECORD)
     names = raw.get("x") if type(raw) is dict else None
     if type(names) is not list or not all(type(n) is str for n in names):
-        raise CorruptPayload(f"{_RECORD}: memcached: a reverse index record lacks its list of index keys",
+        raise CorruptPayload(f"bad {_RECORD}: memcached: a reverse index record lacks its list of index keys",
                              part=_RECORD)
     return field(raw, "e", _RECORD, _expiry), set(names)
 

@@ -271,7 +271,7 @@ def _translated() -> Iterator[None]:
         raise StoreUnavailable(f"redis: {exc}") from exc
     except ResponseError as exc:
         if "WRONGTYPE" in str(exc):
-            raise CorruptPayload(f"record: redis: a key holds another type of value ({exc})", part="record") from None
+            raise CorruptPayload("bad record: redis: the key holds another type of value", part="record") from None
         raise StoreError(f"redis: {exc}") from exc
     except (RedisError, RedisClusterException) as exc:
         raise StoreError(f"redis: {exc}") from exc
@@ -292,7 +292,7 @@ def _record(raw: bytes | None) -> Record | None:
     if raw is None:
         return None
     if not _VERSION_RE.match(raw):
-        raise CorruptPayload("record: redis: stored value has no version header", part="record")
+        raise CorruptPayload("bad record: redis: stored value has no version header", part="record")
     return Record(raw[_VERSION_LEN:], raw[:_VERSION_LEN].decode("ascii"))
 
 
@@ -588,7 +588,7 @@ def _index_keys(members: Sequence[bytes]) -> list[str]:
     try:
         return [m.decode("ascii") for m in members]
     except UnicodeDecodeError:
-        raise CorruptPayload("index record: redis: a reverse index set holds a non-ASCII member",
+        raise CorruptPayload("bad index record: redis: a reverse index set holds a non-ASCII member",
                              part="index record") from None
 
 

@@ -357,7 +357,7 @@ def _record(row: Row[Any] | None) -> Record | None:
         return None
     payload, version = row.payload, row.version
     if not isinstance(payload, (bytes, bytearray, memoryview)) or type(version) is not int:
-        raise CorruptPayload(f"record: SQL row holds a {type(payload).__name__} payload and a "
+        raise CorruptPayload(f"bad record: SQL row holds a {type(payload).__name__} payload and a "
                              f"{type(version).__name__} version", part="record")
     return Record(bytes(payload), version)
 
