@@ -357,7 +357,7 @@ class SessionManager:
         self._renewer.drop(key, token)  # type: ignore[union-attr]
         try:
             self.store.unlock(key, token)  # type: ignore[attr-defined]
-        except StoreUnavailable as exc:  # the lock expires by itself
+        except (StoreUnavailable, CorruptPayload) as exc:  # expires by itself; or someone replaced it
             _log.warning("sessionstore: could not release a session lock: %s", exc)
 
     def _load_id(self, session: Session, session_id: str) -> None:

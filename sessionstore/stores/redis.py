@@ -505,7 +505,11 @@ class RedisStore:
             return holder is None or lock_token(holder) == token, None
         reply = self._script(_LOCK, [key, lock_key], [token, _ms(expiry), _ttl_arg(load_ttl)])
         if reply[0] == 1:
-            return True, _record(reply[1])
+            try:
+                return True, _record(reply[1])
+            except CorruptPayload:  # the caller never learns it holds the lock: release it
+                self.unlock(key, token)
+                raise
         lock_token(reply[1])  # a held lock must hold a token: anything else is not ours
         return False, None
 

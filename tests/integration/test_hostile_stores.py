@@ -406,6 +406,21 @@ def test_redis_lock_holding_no_token_is_corrupt_not_a_lock_timeout(redis_server,
     mw.manager.close()
 
 
+def test_redis_lock_taken_with_an_undecodable_session_is_released(redis_server, records):
+    """The lock script takes the lock and returns the value in one call; the value does not decode:
+    the lock must not be left to block the session's other requests for lock_expiry."""
+    mw = SessionMiddleware(json_app(HANDLERS), store=redis_server.url, secret_key=SECRET, debug=True,
+                           key_prefix="hostile-locked:", locking="all")
+    planted_id = new_id()
+    key = mw.manager.key(planted_id)
+    raw = redis_client(redis_server.port)
+    raw.set(key, b"no version header")
+    status, headers, body = call(mw, "/read", planted_id)
+    assert_corrupt_outcome(status, headers, records, planted_id, body["id"])
+    assert raw.get(companion_key(key, "lock")) is None and raw.get(key) == b"no version header"
+    mw.manager.close()
+
+
 def test_sqlite_text_where_the_payload_or_version_belongs(tmp_path, records):
     backend = _sqlite_backend(tmp_path / "types.db", "hostile-sql:")
     for payload, version in (("text, not bytes", 7), (VALID, "not a number"), (VALID, 1.5)):
