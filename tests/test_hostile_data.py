@@ -407,3 +407,18 @@ def test_what_fails_to_decode_is_named_never_quoted(make, caplog, data):
     assert "corrupt-payload" in response.headers["X-Session-Debug"]
     texts = [record.getMessage() for record in caplog.records] + [str(response.headers), response.get_data(as_text=True)]
     assert not [text for text in texts if "SECRET" in text]
+
+
+@pytest.mark.parametrize("data", [payload({"user": b'{" u": 1}', "cart": b"[1]"}), b"SS2 garbage"])
+def test_sticky_mode_issues_a_new_session_and_leaves_the_backup_in_place(make, debug_records, data):
+    """The backup is loaded into this node's memory first; the damage met there is answered alike,
+    and the request stops sharing the node's state of the damaged session."""
+    mw, client = make(mode="sticky", node_id="n1")
+    sid = f"{new_id()}.n1"
+    key = mw.manager.key(sid)
+    shared = mw.manager._shared.wrapped
+    shared._entries[key] = (data, 10**9, None)
+    response = request(mw, client, sid, "/dict")
+    assert "corrupt-payload" in response.headers["X-Session-Debug"] and response.json["id"] != sid
+    assert response.json["all"] == {} and shared._entries[key][0] == data
+    assert sid not in mw.manager._live
