@@ -116,14 +116,17 @@ def json_document(data: bytes | str, part: str, *, scan: Callable[[str, int], tu
     """
     try:
         document = data if type(data) is str else data.decode("utf-8")
-        if document.count("[") + document.count("{") > MAX_DEPTH and too_deep(document):
-            raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    except UnicodeDecodeError:
+        raise CorruptPayload(f"bad {part}: not UTF-8", part=part) from None
+    if document.count("[") + document.count("{") > MAX_DEPTH and too_deep(document):
+        raise CorruptPayload(f"bad {part}: nested deeper than {MAX_DEPTH} levels", part=part)
+    try:
         value, end = scan(document, 0)  # StopIteration: no value at all
-        if end != len(document):
-            raise ValueError(f"extra data at character {end}")
-        return value
     except (ValueError, TypeError, ArithmeticError, RecursionError, StopIteration) as exc:
         raise CorruptPayload(f"bad {part} ({type(exc).__name__})", part=part) from None
+    if end != len(document):
+        raise CorruptPayload(f"bad {part}: data after the value", part=part)
+    return value
 
 
 def field(document: Mapping[str, Any], name: str, part: str, check: Callable[[Any, str, str], Any],
