@@ -3,18 +3,20 @@
 Steps, in order (each is its own process; its output is shown as it runs):
 
 1. ``overhead.py``    — per-request cost of the middleware, in-process, memory store;
-2. ``roundtrips.py``  — store commands per request against the contract's cost model;
-3. ``peers.py``       — sessionstore against Flask-Session 0.8 and Beaker 1.14;
-4. ``node_copy.py``   — sticky mode's node copy (LMDB shared by a node's workers): commands per read under
+2. ``big_session.py`` — ``dict(session)`` on 38,000 small attributes against 10 of the same size;
+3. ``roundtrips.py``  — store commands per request against the contract's cost model;
+4. ``peers.py``       — sessionstore against Flask-Session 0.8 and Beaker 1.14;
+5. ``node_copy.py``   — sticky mode's node copy (LMDB shared by a node's workers): commands per read under
    ``gunicorn -w 4``, read overhead vs a per-process dict, throughput vs Flask-Session, memory;
-5. ``sticky_loss.py`` — acknowledged writes lost when a sticky node is SIGKILLed
+6. ``sticky_loss.py`` — acknowledged writes lost when a sticky node is SIGKILLed
    (always a short run here; run it on its own for the full sweep).
 
 ``--quick`` runs each step with its smoke-test settings. A step that does not
 exist is skipped, and said so. The summary at the end gives each step's exit
 status and run time; ``run_all.py`` exits 1 if any step exited non-zero
-(``roundtrips.py`` exits 1 when a contract target is missed; ``peers.py``
-and ``node_copy.py`` report their targets as MET / MISSED lines and exit 0 unless they failed).
+(``roundtrips.py`` exits 1 when a contract target is missed, ``big_session.py``
+when its ratio is over 50x; ``peers.py`` and ``node_copy.py`` report their targets as
+MET / MISSED lines and exit 0 unless they failed).
 
 Usage: python benchmarks/run_all.py [--quick] [--duration SECONDS] [--skip peers,node_copy,sticky_loss]
 """
@@ -46,6 +48,7 @@ class Step:
 
 STEPS = [
     Step("overhead", "overhead.py", [], ["--quick"], ["--rounds", "3", "--requests", "1000"]),
+    Step("big_session", "big_session.py", [], ["--quick"], ["--rounds", "5"]),
     Step("roundtrips", "roundtrips.py", [], ["--quick"]),
     Step("peers", "peers.py", [], ["--quick"]),
     Step("node_copy", "node_copy.py", [], ["--quick"]),

@@ -47,7 +47,7 @@ from .settings import Settings
 from .signing import CookieSigner, Verdict, split_cookie
 from .startup import startup_warnings
 from .stores.base import Record, Store, companion_key
-from .tombstones import Tombstones
+from .tombstones import Tombstones, read_stone
 
 __all__ = [
     "CookieReading", "read_cookie_value", "Inspection", "inspect_session", "render_inspection",
@@ -288,7 +288,10 @@ def inspect_session(
         found.ttl_note = f"could not read: {_reason(exc)}"
     found.tombstone = _read_tombstone(store, key)
     if not found.found:
-        found.cause, found.note = Tombstones(store, clock).diagnose(key)
+        try:
+            found.cause, found.note = Tombstones(store, clock).diagnose(key)
+        except CorruptPayload as exc:
+            found.cause, found.note = "corrupt-payload", str(exc)
     return found
 
 
@@ -347,15 +350,17 @@ def _value_reader(serializer: str) -> Callable[[bytes], str]:
 
 def _read_tombstone(store: Store, key: str) -> dict[str, Any] | None:
     """The tombstone ``<key>:t`` as ``{"state", "written", "until"}`` (raw text if unreadable)."""
-    stored = store.load(companion_key(key, "t"))
+    try:
+        stored = store.load(companion_key(key, "t"))
+    except CorruptPayload as exc:  # the store's own framing of the value
+        return {"state": "unreadable", "raw": str(exc)[:200]}
     if stored is None:
         return None
     try:
-        raw = json.loads(stored.data)
-        return {"state": str(raw["s"]), "written": float(raw["w"]),
-                "until": None if raw.get("u") is None else float(raw["u"])}
-    except (ValueError, KeyError, TypeError):
+        stone = read_stone(stored.data)
+    except CorruptPayload:
         return {"state": "unreadable", "raw": stored.data[:200].decode("utf-8", "replace")}
+    return {"state": stone.state, "written": stone.written, "until": stone.until}
 
 
 def _read_ttl(found: Inspection, store: Store, key: str) -> None:

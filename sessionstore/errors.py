@@ -70,11 +70,20 @@ def _type_name(kind: type) -> str:
 
 
 class CorruptPayload(SessionStoreError):
-    """Stored data could not be decoded (truncated, foreign, bad signature).
+    """Stored data could not be decoded (truncated, foreign, hostile, bad signature).
 
     The message says what failed and names the decoding error's type, never
     its text: that quotes the stored bytes, which are session content.
+
+    ``part`` names what was being read (one of :data:`sessionstore.decoding.PARTS`:
+    ``"payload header"``, ``"attribute index"``, ``"attribute"``, ``"tombstone"``, ...);
+    ``attribute`` the session attribute, when one was being decoded.
     """
+
+    def __init__(self, message: str, *, part: str = "payload header", attribute: str | None = None) -> None:
+        super().__init__(message)
+        self.part = part
+        self.attribute = attribute
 
 
 class SessionTooLarge(SessionStoreError):

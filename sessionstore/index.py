@@ -73,6 +73,7 @@ import json
 import math
 from typing import Any, Iterable
 
+from . import ids
 from .errors import CorruptPayload
 from .payload import Meta, decode
 from .session import SessionState
@@ -123,6 +124,16 @@ class SessionIndex:
         if session_key.startswith(head) and session_key.endswith("}"):
             return session_key[len(head):-1]
         return None
+
+    def entry(self, session_key: object) -> str:
+        """The session id of an index entry (a session key the store found under an index key).
+
+        :raise CorruptPayload: (``index entry``) it is not the key of a well-formed id.
+        """
+        session_id = self.session_id(session_key) if type(session_key) is str else None
+        if session_id is None or not ids.is_valid(session_id):
+            raise CorruptPayload("bad index entry: not the key of a session", part="index entry")  # never quoted
+        return session_id
 
     @staticmethod
     def _stored_meta(state: SessionState) -> Meta | None:

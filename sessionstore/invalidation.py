@@ -29,7 +29,8 @@ memcached and SQL, whatever the traffic. A message reaches every node within
 A message is JSON: ``{"o": <origin node>, "r": <reason>, "i": [<session
 ids>]}``; nodes ignore their own. When a feed may have lost messages (a
 Redis reconnection, a memcached sequence that vanished, a record or a
-database number missing for too long), the listener says so and sticky
+database number missing for too long, a message that does not decode: it
+may have named sessions), the listener says so and sticky
 mode checks every session it holds against the store once, on its next use
 (:meth:`~sessionstore.sticky.StickyStore.suspect_all`).
 
@@ -46,15 +47,17 @@ import weakref
 from typing import Any, Callable
 
 from . import ids
-from .errors import StoreError
+from .decoding import field, json_document, text
+from .errors import CorruptPayload, StoreError
 from .stores.base import PollFeed, PushFeed
 
-__all__ = ["InvalidationFeed", "POLL_INTERVAL", "feed_kind"]
+__all__ = ["InvalidationFeed", "POLL_INTERVAL", "feed_kind", "read_message"]
 
 _log = logging.getLogger("sessionstore")
 
 #: Seconds between two polls of a store without push (memcached, SQL).
 POLL_INTERVAL = 0.25
+_PART = "feed message"
 #: Longest wait between attempts to reach a feed the store cannot serve now.
 _MAX_RETRY = 5.0
 
@@ -189,11 +192,11 @@ class InvalidationFeed:
             self.close()
             return
         try:
-            body = json.loads(message)
-            origin, reason, session_ids = str(body["o"]), str(body["r"]), body["i"]
-            session_ids = [i for i in session_ids if isinstance(i, str) and ids.is_valid(i)]
-        except (ValueError, KeyError, TypeError):
-            _log.warning("sessionstore: unreadable invalidation message ignored")
+            origin, reason, session_ids = read_message(message)
+        except CorruptPayload as exc:  # it may have named sessions to drop: check them all
+            _log.warning("sessionstore: unreadable invalidation message ignored (%s); "
+                         "re-checking local sessions", exc)
+            self._lost()
             return
         if origin == self.node_id or not session_ids:
             return
@@ -225,6 +228,19 @@ class InvalidationFeed:
         thread = self._thread
         if wait and thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
+
+
+def read_message(data: bytes) -> tuple[str, str, list[str]]:
+    """``(origin node, reason, session ids)`` of a feed message (see the module docs).
+
+    :raise CorruptPayload: (``feed message``) it is not one. Ids that are not well formed
+        are left out (they name no session).
+    """
+    body = json_document(data, _PART)
+    if type(body) is not dict or type(body.get("i")) is not list:
+        raise CorruptPayload(f"bad {_PART}: not an object with a list of ids", part=_PART)
+    origin, reason = field(body, "o", _PART, text), field(body, "r", _PART, text)
+    return origin, reason, [i for i in body["i"] if type(i) is str and ids.is_valid(i)]
 
 
 def _weak(callback: Callable[..., Any]) -> Callable[[], Callable[..., Any] | None]:

@@ -131,9 +131,13 @@ class SessionManager:
         """
         if not ids.is_valid(session_id):
             return None
-        stored = self.store.load(self.key(session_id))
         session = Session(self, None, RequestRecord())
-        if stored is None or not self._adopt(session, session_id, stored):
+        try:
+            stored = self.store.load(self.key(session_id))
+            if stored is None or not self._adopt(session, session_id, stored):
+                return None
+        except CorruptPayload as exc:  # left in place, as for a request
+            _log.warning("sessionstore: session %s does not decode; left in place: %s", log_id(session_id), exc)
             return None
         session._requested_id = session_id
         session._loaded = True
@@ -160,10 +164,24 @@ class SessionManager:
         return destroyed
 
     def find_by_index(self, name: str, value: str) -> list[str]:
-        """Ids of the live sessions that called ``session.index(name, value)`` (from any node)."""
-        keys = self._index_store().index_find(self.index.key(name, value))
-        found = [self.index.session_id(key) for key in keys]
-        return [sid for sid in found if sid is not None and ids.is_valid(sid)]
+        """Ids of the live sessions that called ``session.index(name, value)`` (from any node).
+
+        An index record or entry that does not decode is skipped (and logged), never raised:
+        it names no session that could be found.
+        """
+        store = self._index_store()
+        try:
+            keys = store.index_find(self.index.key(name, value))
+        except CorruptPayload as exc:
+            _log.warning("sessionstore: index record for %r left in place, not searched: %s", name, exc)
+            return []
+        found = []
+        for key in keys:
+            try:
+                found.append(self.index.entry(key))
+            except CorruptPayload as exc:
+                _log.warning("sessionstore: index entry for %r skipped: %s", name, exc)
+        return found
 
     def invalidate_by_index(self, name: str, value: str) -> int:
         """Destroy every session found by :meth:`find_by_index`, each as :meth:`invalidate` does
@@ -187,7 +205,7 @@ class SessionManager:
         else:
             existed = self.store.delete(key)
         if self.index.enabled and (existed or self._sticky is not None):
-            self._shared.index_drop(key)
+            self._drop_index(self._shared, key)
         if existed:
             self._final_tombstones.destroyed(key, "invalidated", self._default_ttl())
             self.listeners.emit(SessionEvent("destroyed", session_id, reason="invalidated"))
@@ -277,10 +295,13 @@ class SessionManager:
         session_id = self._verify(session._cookie, record)
         session._requested_id = session_id
         if session_id is not None:
-            if self.node_id is None:
-                self._load_id(session, session_id)
-            else:
-                self._load_sticky(session, session_id)
+            try:
+                if self.node_id is None:
+                    self._load_id(session, session_id)
+                else:
+                    self._load_sticky(session, session_id)
+            except CorruptPayload as exc:
+                self._corrupt(session, exc)
         if session._s.id is None:
             self._start_new(session)
         session._loaded = True
@@ -337,7 +358,7 @@ class SessionManager:
         self._renewer.drop(key, token)  # type: ignore[union-attr]
         try:
             self.store.unlock(key, token)  # type: ignore[attr-defined]
-        except StoreUnavailable as exc:  # the lock expires by itself
+        except (StoreUnavailable, CorruptPayload) as exc:  # expires by itself; or someone replaced it
             _log.warning("sessionstore: could not release a session lock: %s", exc)
 
     def _load_id(self, session: Session, session_id: str) -> None:
@@ -356,21 +377,19 @@ class SessionManager:
             session._record.source = source
 
     def _adopt(self, session: Session, session_id: str, stored: Record) -> bool:
-        """Fill ``session`` from a stored record; False (and a cause) if unusable."""
+        """Fill ``session`` from a stored record; False (and a cause) if it expired by ``max_age``.
+
+        :raise CorruptPayload: the record does not decode (see :meth:`_corrupt`).
+        """
         record = session._record
-        try:
-            payload = self._decode(stored.data, self.key(session_id))
-            self._reader(payload.meta.serializer)
-        except CorruptPayload as exc:
-            record.add("corrupt-payload", error=str(exc))
-            _log.warning("sessionstore: corrupt payload for session %s left in place: %s", log_id(session_id), exc)
-            return False
+        payload = self._decode(stored.data, self.key(session_id))
+        self._reader(payload.meta.serializer)
         if self._past_max_age(payload.meta):
             record.add("expired", expired="max_age")
             key = self.key(session_id)
             self.store.delete(key)
             if payload.meta.index and self.index.enabled:
-                self.store.index_drop(key)  # type: ignore[attr-defined]
+                self._drop_index(self.store, key, record)
             self._final_tombstones.destroyed(key, "expired", self._default_ttl())
             self.listeners.emit(SessionEvent("destroyed", session_id, reason="expired"))
             return False
@@ -460,12 +479,38 @@ class SessionManager:
             self._start_new(session)
         session._record.session_id = s.id
 
-    def _corrupt(self, session: Session) -> None:
-        """An attribute blob failed to decode: continue with a new session, data left in place."""
-        session._record.add("corrupt-payload")
-        _log.warning("sessionstore: corrupt attribute in session %s; issuing a new session", log_id(session._s.id))
-        session._s.reset()
+    def _corrupt(self, session: Session, exc: CorruptPayload) -> None:
+        """Stored data this request met does not decode: the contract's ``corrupt-payload``.
+
+        The one place that answers it for a request, wherever it was met: the
+        record at load (its framing, payload header, metadata, a tombstone, a
+        lock held by something that is not a token), or later (an attribute,
+        the attribute index parsed to iterate or save, an index record, the
+        record a concurrent writer left). The cause is recorded with what
+        failed, nothing stored is changed, and the request goes on with a new
+        session that keeps the attributes this request assigned so far (a
+        logout it did still holds).
+        """
+        session._record.add("corrupt-payload", error=str(exc), corrupt_part=exc.part)
+        _log.warning("sessionstore: %s of session %s does not decode; left in place, issuing a new session: %s",
+                     exc.part, log_id(session._requested_id or session._s.id), exc)
+        old = session._s
+        session._s = SessionState()
+        session._s.stale_ids.extend(item for item in old.stale_ids if item[1] == "invalidated")
         self._start_new(session)
+        session._s.assign(old.assigned_values())
+        session._record.session_id = session._s.id
+
+    def _drop_index(self, store: Any, key: str, record: RequestRecord | None = None) -> None:
+        """Drop the index entries of a session being destroyed or replaced. A damaged reverse
+        record cannot say which entries to drop: it is left in place (the entries age out, and
+        ``find_by_index`` never returns a session that is gone) and reported."""
+        try:
+            store.index_drop(key)
+        except CorruptPayload as exc:
+            if record is not None:
+                record.add("corrupt-payload", error=str(exc), corrupt_part=exc.part)
+            _log.warning("sessionstore: index entries of a destroyed session left in place: %s", exc)
 
     # -- serialization --------------------------------------------------------------------------
 
@@ -476,13 +521,31 @@ class SessionManager:
                 raise CorruptPayload("pickled payload, but serializer is not 'pickle': refusing to unpickle")
             try:
                 reader = get_serializer(name, self.settings.secret_keys)
-            except Exception as exc:
-                raise CorruptPayload(f"payload written by serializer {name!r}: {exc}") from None
+            except Exception as exc:  # the name is stored text: not quoted
+                raise CorruptPayload(f"bad payload header: written by a serializer this node cannot "
+                                     f"read ({type(exc).__name__})") from None
             self._readers[name] = reader
         return reader
 
-    def _decode_attribute(self, state: SessionState, blob: bytes) -> Any:
-        return self._reader(state.meta.serializer).loads(blob)  # type: ignore[union-attr]
+    def _decode_attribute(self, state: SessionState, name: str, blob: bytes) -> Any:
+        """The value of attribute ``name``; :class:`CorruptPayload` naming it if it does not decode."""
+        try:
+            return self._reader(state.meta.serializer).loads(blob)  # type: ignore[union-attr]
+        except CorruptPayload as exc:
+            raise CorruptPayload(f"attribute {name!r}: {exc}", part="attribute", attribute=name) from None
+
+    def _decode_all(self, state: SessionState) -> None:
+        """Decode into ``state.values`` every stored attribute not decoded yet (iteration,
+        copies): one pass over the attribute table, whatever the number of attributes."""
+        payload: Payload = state.payload  # type: ignore[assignment]
+        values, removed, data = state.values, state.removed, payload.data
+        loads = self._reader(state.meta.serializer).loads  # type: ignore[union-attr]
+        for name, start, end in payload.table().spans():
+            if name not in values and name not in removed:
+                try:
+                    values[name] = loads(data[start:end])
+                except CorruptPayload as exc:
+                    raise CorruptPayload(f"attribute {name!r}: {exc}", part="attribute", attribute=name) from None
 
     # -- expiry ------------------------------------------------------------------------------------
 
@@ -521,22 +584,43 @@ class SessionManager:
         s = session._s
         try:
             with s.lock:
-                changes = s.changes(self.serializer.dumps)
-                if changes.mutated:
-                    session._record.add("mutated-in-place", mutated=changes.mutated)
-                self._drop_stale(session, "invalidated")  # logout holds even if the save below fails
-                if s.version is None:
-                    stored = self._create(session, changes)
-                elif changes or s.forced or s.meta_changed or self.settings.dirty_check == "always":
-                    stored = self._update(session, changes)
-                else:
-                    stored = True
-                self._drop_stale(session, "rotated", "moved")  # once the data is safe under the new id
+                stored = self._commit_state(session)
         finally:
             if session._lock is not None:
                 self._unlock(session)
         self.lock_policy.observe(session._path, modified=session._record.saved)
         return self._cookie_outcome(session, stored)
+
+    def _commit_state(self, session: Session) -> bool:
+        """Save what the request did; True if the session is stored under ``session._s.id`` now.
+
+        Stored data that does not decode, met on the way (the attribute index,
+        an index record, what a concurrent writer left), is answered by
+        :meth:`_corrupt`; then what is left of the request is saved as the new session.
+        """
+        try:
+            changes = self._changes(session)
+            self._drop_stale(session, "invalidated")  # logout holds even if the save below fails
+            stored = self._write_changes(session, changes)
+        except CorruptPayload as exc:
+            self._corrupt(session, exc)
+            stored = self._write_changes(session, self._changes(session))  # nothing stored left to decode
+        self._drop_stale(session, "rotated", "moved")  # once the data is safe under the new id
+        return stored
+
+    def _changes(self, session: Session) -> Changes:
+        changes = session._s.changes(self.serializer.dumps)
+        if changes.mutated:
+            session._record.add("mutated-in-place", mutated=changes.mutated)
+        return changes
+
+    def _write_changes(self, session: Session, changes: Changes) -> bool:
+        s = session._s
+        if s.version is None:
+            return self._create(session, changes)
+        if changes or s.forced or s.meta_changed or self.settings.dirty_check == "always":
+            return self._update(session, changes)
+        return True
 
     def _cookie_outcome(self, session: Session, stored: bool) -> CommitOutcome:
         if stored and session._s.id != session._requested_id:
@@ -565,7 +649,7 @@ class SessionManager:
             told_before = self._gone(key) if self._sticky is not None else False
             deleted = self.store.delete(key)
             if indexed and self.index.enabled:
-                self.store.index_drop(key)  # type: ignore[attr-defined]
+                self._drop_index(self.store, key, session._record)
             if why == "moved":
                 moved.append(old_id)
             if why == "invalidated":
@@ -637,16 +721,14 @@ class SessionManager:
     def _merge_into(self, session: Session, changes: Changes, current: Record) -> tuple[bytes, bytes]:
         record: RequestRecord = session._record
         s = session._s
-        try:
-            theirs: Payload | None = self._decode(current.data, self.key(s.id))  # type: ignore[arg-type]
-        except CorruptPayload:
-            theirs = None
+        # raises CorruptPayload if the record another writer left does not decode: never overwritten
+        theirs: Payload = self._decode(current.data, self.key(s.id))  # type: ignore[arg-type]
         merged, conflicts = merge(
             base={} if s.payload is None else s.payload.blobs(),
-            theirs={} if theirs is None else theirs.blobs(),
+            theirs=theirs.blobs(),
             changes=changes,
         )
-        if current.relocated and not conflicts and theirs is not None and theirs.data == (s.payload and s.payload.data):
+        if current.relocated and not conflicts and theirs.data == (s.payload and s.payload.data):
             record.add("relocated")  # the copy moved to another node meanwhile; nobody else wrote
         else:
             record.add("concurrent-update")
@@ -656,7 +738,7 @@ class SessionManager:
             record.details["overwritten"] = conflicts
             if self.settings.on_conflict == "error":
                 raise ConflictError(sorted(conflicts))
-        meta = s.meta if theirs is None else _merged_meta(s, theirs.meta)
+        meta = _merged_meta(s, theirs.meta)
         blobs = [(name, blob, gen) for name, (blob, gen) in merged.items()]
         return self._finish_payload(meta, blobs, self.key(s.id))  # type: ignore[arg-type]
 

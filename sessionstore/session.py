@@ -16,6 +16,7 @@ have theirs, and their saves merge per attribute, in both modes).
 from __future__ import annotations
 
 import threading
+from collections.abc import ItemsView, KeysView, ValuesView
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, MutableMapping
 
@@ -69,6 +70,15 @@ class SessionState:
         self.removed: set[str] = set()
         self.forced = False
         self.meta_changed = False
+
+    def assigned_values(self) -> dict[str, Any]:
+        """The attributes requests assigned since the last load or save, with their values."""
+        return {name: self.values[name] for name in self.assigned if name in self.values}
+
+    def assign(self, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            self.values[name] = value
+            self.assigned.add(name)
 
     def names(self) -> list[str]:
         names = list(self.values)
@@ -223,6 +233,9 @@ class Session(MutableMapping[str, Any]):
                 return bool(s.changes(self._manager.serializer.dumps))
             except SerializationError:
                 return True
+            except CorruptPayload as exc:  # the attribute index: a new session now
+                self._manager._corrupt(self, exc)
+        return self.has_changes()
 
     def mark_modified(self) -> None:
         """Save this session at the end of the request even if nothing changed."""
@@ -257,16 +270,22 @@ class Session(MutableMapping[str, Any]):
             span = payload.span(name)
             if span is None:
                 raise KeyError(name)
-            value = self._manager._decode_attribute(s, payload.data[span[0]:span[1]])
-        except CorruptPayload:
-            self._manager._corrupt(self)
+            value = self._manager._decode_attribute(s, name, payload.data[span[0]:span[1]])
+        except CorruptPayload as exc:
+            self._manager._corrupt(self, exc)  # a new session, which holds no such attribute
             raise KeyError(name) from None
         s.values[name] = value
         return value
 
     def get(self, name: str, default: Any = None) -> Any:
-        """``session[name]``, or ``default`` if the session has no such attribute."""
-        return self[name] if name in self else default  # no KeyError raised and caught on a miss
+        """``session[name]``, or ``default`` if the session has no such attribute (also when
+        it does not decode: the session is a new one then)."""
+        if name not in self:  # no KeyError raised and caught on a miss
+            return default
+        try:
+            return self[name]
+        except KeyError:
+            return default
 
     def __setitem__(self, name: str, value: Any) -> None:
         if not isinstance(name, str):
@@ -277,11 +296,16 @@ class Session(MutableMapping[str, Any]):
         s.removed.discard(name)
 
     def __delitem__(self, name: str) -> None:
-        s = self._ensure()
         if name not in self:
             raise KeyError(name)
+        s = self._s  # the membership test may have replaced a damaged session
+        try:
+            stored = s.payload is not None and name in s.payload
+        except CorruptPayload as exc:
+            self._manager._corrupt(self, exc)
+            s, stored = self._s, False
         s.values.pop(name, None)
-        if s.payload is not None and name in s.payload:
+        if stored:
             s.removed.add(name)
 
     def __contains__(self, name: object) -> bool:
@@ -293,15 +317,35 @@ class Session(MutableMapping[str, Any]):
             return False
         try:
             return name in payload
-        except CorruptPayload:  # a damaged index: the same fallback as a damaged value
-            self._manager._corrupt(self)
-            return False
+        except CorruptPayload as exc:  # a damaged index: the same fallback as a damaged value
+            self._manager._corrupt(self, exc)
+            return name in self._s.values
+
+    def _names(self) -> list[str]:
+        """Every attribute name (the new session's, if the attribute index does not decode)."""
+        s = self._ensure()
+        try:
+            return s.names()
+        except CorruptPayload as exc:
+            self._manager._corrupt(self, exc)
+            return self._s.names()
+
+    def _decoded(self) -> dict[str, Any]:
+        """Every attribute decoded (so all of them touched): the whole session, or, when an
+        attribute does not decode, the new session that replaced it (never a part of each)."""
+        s = self._ensure()
+        if s.payload is not None:
+            try:
+                self._manager._decode_all(s)
+            except CorruptPayload as exc:
+                self._manager._corrupt(self, exc)
+        return dict(self._s.values)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._ensure().names())
+        return iter(self._names())
 
     def __len__(self) -> int:
-        return len(self._ensure().names())
+        return len(self._names())
 
     def __bool__(self) -> bool:
         """Whether the session holds any attribute; without parsing the index when it can."""
@@ -310,23 +354,61 @@ class Session(MutableMapping[str, Any]):
             return True
         if s.payload is None or not s.payload.has_entries:
             return False
-        return not s.removed or bool(s.names())
+        return not s.removed or bool(self._names())
+
+    def keys(self) -> KeysView[str]:
+        """The attribute names. Iterating the view decodes every attribute first, so that
+        ``dict(session)`` (which lists the keys, then reads each) sees one consistent session."""
+        return _Keys(self)
+
+    def items(self) -> ItemsView[str, Any]:
+        return _Items(self)
+
+    def values(self) -> ValuesView[Any]:
+        return _Values(self)
 
     def copy(self) -> dict[str, Any]:
         """A plain dict of every attribute (marks them all touched)."""
-        return dict(self.items())
+        return self._decoded()
 
     def clear(self) -> None:
-        for name in self._ensure().names():
+        for name in self._names():
             del self[name]
 
     def __repr__(self) -> str:
         if not self._loaded:
             return "<Session (not loaded)>"
         s = self._s
-        return f"<Session {log_id(s.id)} new={s.is_new} keys={s.names()!r}>"
+        return f"<Session {log_id(s.id)} new={s.is_new} keys={self._names()!r}>"
 
     __hash__ = None  # type: ignore[assignment]
 
     def __eq__(self, other: object) -> bool:
         return self is other
+
+
+class _Keys(KeysView):
+    """``session.keys()``: live like a dict's view; iterating it decodes the session whole first."""
+
+    __slots__ = ()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._mapping._decoded())
+
+
+class _Items(ItemsView):
+    """``session.items()``: pairs of one consistent session (see :meth:`Session._decoded`)."""
+
+    __slots__ = ()
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        return iter(self._mapping._decoded().items())
+
+
+class _Values(ValuesView):
+    """``session.values()``: values of one consistent session (see :meth:`Session._decoded`)."""
+
+    __slots__ = ()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._mapping._decoded().values())

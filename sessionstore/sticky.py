@@ -40,7 +40,6 @@ against the store once, on its next use in this process.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import secrets
@@ -52,10 +51,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .backup import BackupWriter
-from .errors import StoreError, StoreUnavailable
+from .errors import CorruptPayload, StoreError, StoreUnavailable
 from .settings import Settings
 from .stores.base import ANY, INDEX_SUFFIX, NO_LOAD, Record, SaveResult, Store, companion_key, is_companion
 from .stores.local import LocalStore, default_directory
+from .tombstones import read_stone
 
 __all__ = ["StickyStore", "BACKUP_SLACK", "DESTROYED_MEMORY", "node_directory"]
 
@@ -183,12 +183,12 @@ class StickyStore:
             if key not in self._suspects:
                 return True
             self._suspects.discard(key)
-        if self.remote.load_and_touch(key, _backup_ttl(ttl)) is not None:
-            return True
-        stone = self.shared.load(companion_key(key, "t"))
         try:
-            state = json.loads(stone.data)["s"] if stone is not None else None
-        except (ValueError, KeyError, TypeError):
+            if self.remote.load_and_touch(key, _backup_ttl(ttl)) is not None:
+                return True
+            stone = self.shared.load(companion_key(key, "t"))
+            state = read_stone(stone.data).state if stone is not None else None
+        except CorruptPayload:  # an unreadable backup or tombstone condemns nothing
             state = None
         if state in _FINAL_STATES:
             self.drop_session(key, everywhere=False)

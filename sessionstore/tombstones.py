@@ -21,7 +21,9 @@ On a miss the tombstone is read (one command, only on that path):
 not run out yet means the store lost the session (``evicted``); ``alive``
 past its guarantee means it expired (read-only requests slide the expiry
 without refreshing the tombstone, so this is the likely reading); no
-tombstone at all: ``unknown-id``.
+tombstone at all: ``unknown-id``. A tombstone that does not decode (see
+:func:`read_stone`) raises :class:`~sessionstore.errors.CorruptPayload`, which the
+manager answers like any undecodable stored data (``corrupt-payload``).
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import StoreError
+from .decoding import epoch, field, json_document
+from .errors import CorruptPayload, StoreError
 from .payload import Meta
 from .stores.base import Store, companion_key
 
 _log = logging.getLogger("sessionstore")
 
-__all__ = ["Tombstones", "TOMBSTONE_GRACE"]
+__all__ = ["Tombstones", "TOMBSTONE_GRACE", "STATES", "read_stone"]
 
 #: How long a tombstone outlives the session it describes.
 TOMBSTONE_GRACE = 86_400
@@ -46,11 +49,28 @@ TOMBSTONE_GRACE = 86_400
 _FOREVER_TOMBSTONE = 30 * 86_400
 
 
+#: The states a tombstone can be in.
+STATES = ("alive", "invalidated", "expired", "replaced")
+_PART = "tombstone"
+
+
 @dataclass(frozen=True, slots=True)
 class _Stone:
     state: str
     written: float
     until: float | None = None
+
+
+def read_stone(data: bytes) -> _Stone:
+    """The tombstone in ``data``: ``{"s": <state>, "w": <written at>[, "u": <alive until>]}``.
+
+    :raise CorruptPayload: (``tombstone``) anything else.
+    """
+    raw = json_document(data, _PART)
+    if type(raw) is not dict or raw.get("s") not in STATES:
+        raise CorruptPayload(f"bad {_PART}: not an object with a known state", part=_PART)
+    until = None if raw.get("u") is None else epoch(raw["u"], "u", _PART)
+    return _Stone(raw["s"], field(raw, "w", _PART, epoch), until)
 
 
 class Tombstones:
@@ -77,15 +97,14 @@ class Tombstones:
         self._put(key, _Stone(reason, self.clock()), ttl)
 
     def diagnose(self, key: str) -> tuple[str, str | None]:
-        """The cause code for a session missing from the store, and a note (or None)."""
+        """The cause code for a session missing from the store, and a note (or None).
+
+        :raise CorruptPayload: the tombstone does not decode (it is left as it is).
+        """
         stored = self.store.load(companion_key(key, "t"))
         if stored is None:
             return "unknown-id", None
-        try:
-            raw = json.loads(stored.data)
-            stone = _Stone(str(raw["s"]), float(raw["w"]), None if raw.get("u") is None else float(raw["u"]))
-        except (ValueError, KeyError, TypeError):
-            return "unknown-id", "unreadable tombstone"
+        stone = read_stone(stored.data)
         if stone.state in ("invalidated", "expired"):
             return stone.state, None
         if stone.state == "replaced":

@@ -9,10 +9,12 @@ Integers beyond 64 bits are carried as an extension type.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import uuid
 from decimal import Decimal
 from typing import Any
 
+from ..decoding import MAX_DEPTH, value_too_deep
 from ..errors import ConfigError, CorruptPayload, SerializationError
 from .datetimes import datetime_from_text, datetime_to_text
 from .unsupported import find_unsupported
@@ -69,7 +71,27 @@ def _unpack_stream(data: bytes) -> list:
     return list(unpacker)
 
 
+#: Bytes that open a container or an extension value in msgpack (fixmap, fixarray, map and
+#: array 16/32, fixext and ext 8/16/32): a value with no more of them than MAX_DEPTH cannot
+#: nest deeper, whatever they mean where they occur.
+_OPENERS = bytes(range(0x80, 0xA0)) + b"\xc7\xc8\xc9\xd4\xd5\xd6\xd7\xd8\xdc\xdd\xde\xdf"
+_ext_depth = threading.local()
+
+
 def _ext_hook(code: int, data: bytes) -> Any:
+    """An extension value; nested ones (a tuple of tuples) recurse through here, so the
+    nesting is counted and cut at MAX_DEPTH before Python's recursion limit is near."""
+    depth = getattr(_ext_depth, "n", 0)
+    if depth >= MAX_DEPTH:
+        raise ValueError(f"extension values nested deeper than {MAX_DEPTH} levels")
+    _ext_depth.n = depth + 1
+    try:
+        return _convert_ext(code, data)
+    finally:
+        _ext_depth.n = depth
+
+
+def _convert_ext(code: int, data: bytes) -> Any:
     if code == _TUPLE:
         return tuple(_unpack(data))
     if code == _SET:
@@ -107,6 +129,10 @@ class MsgpackSerializer:
 
     def loads(self, data: bytes) -> Any:
         try:
-            return _unpack(data)
+            value = _unpack(data)
         except Exception as exc:  # msgpack raises a variety of errors on garbage
-            raise CorruptPayload(f"undecodable msgpack attribute ({type(exc).__name__})") from None
+            raise CorruptPayload(f"undecodable msgpack attribute ({type(exc).__name__})", part="attribute") from None
+        if len(data) - len(data.translate(None, _OPENERS)) > MAX_DEPTH and value_too_deep(value):
+            raise CorruptPayload(f"undecodable msgpack attribute: nested deeper than {MAX_DEPTH} levels",
+                                 part="attribute")
+        return value

@@ -59,8 +59,8 @@ class SignedPickleSerializer:
         if len(signature) != _SIG or not any(
             hmac.compare_digest(hmac.digest(k, body, "sha256"), signature) for k in self._keys
         ):
-            raise CorruptPayload("pickled attribute failed signature verification; not unpickled")
+            raise CorruptPayload("pickled attribute failed signature verification; not unpickled", part="attribute")
         try:
             return pickle.loads(body)
         except Exception as exc:
-            raise CorruptPayload(f"unpicklable attribute ({type(exc).__name__})") from None
+            raise CorruptPayload(f"unpicklable attribute ({type(exc).__name__})", part="attribute") from None

@@ -16,9 +16,10 @@ import base64
 import datetime as dt
 import json
 import uuid
-from decimal import Decimal
-from typing import Any
+from decimal import Decimal, InvalidOperation
+from typing import Any, Callable
 
+from .. import decoding
 from ..errors import CorruptPayload, SerializationError
 from .datetimes import datetime_from_text, datetime_to_text
 from .unsupported import find_unsupported
@@ -65,16 +66,41 @@ def _tag(obj: Any) -> Any:
     raise TypeError(kind)
 
 
+def _of(kind: type, convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A tag's converter that first checks the tagged value's JSON type (a hostile
+    ``{" u": 123}`` must not reach ``uuid.UUID``)."""
+
+    def checked(value: Any) -> Any:
+        if type(value) is not kind:
+            raise TypeError(f"tagged value is {type(value).__name__}, expected {kind.__name__}")
+        return convert(value)
+
+    return checked
+
+
+def _pairs(pairs: list) -> dict:
+    if not all(type(pair) is list and len(pair) == 2 for pair in pairs):
+        raise ValueError("a mapping tag holds something other than [key, value] pairs")
+    return {k: v for k, v in pairs}
+
+
+def _decimal(text: str) -> Decimal:
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        raise ValueError("not a decimal") from None
+
+
 _UNTAG = {
-    " t": tuple,
-    " s": set,
-    " f": frozenset,
-    " b": lambda v: base64.b64decode(v.encode("ascii"), validate=True),
-    " d": datetime_from_text,
-    " D": dt.date.fromisoformat,
-    " u": uuid.UUID,
-    " n": Decimal,
-    " m": lambda pairs: {k: v for k, v in pairs},
+    " t": _of(list, tuple),
+    " s": _of(list, set),
+    " f": _of(list, frozenset),
+    " b": _of(str, lambda v: base64.b64decode(v.encode("ascii"), validate=True)),
+    " d": _of(str, datetime_from_text),
+    " D": _of(str, dt.date.fromisoformat),
+    " u": _of(str, uuid.UUID),
+    " n": _of(str, _decimal),
+    " m": _of(list, _pairs),
 }
 
 
@@ -87,7 +113,7 @@ def _untag(obj: dict) -> Any:
     return obj
 
 
-_decoder = json.JSONDecoder(object_hook=_untag).decode
+_scan = json.JSONDecoder(object_hook=_untag).scan_once
 
 
 class TaggedJSONSerializer:
@@ -107,10 +133,17 @@ class TaggedJSONSerializer:
             raise self._error(value, attribute) from None
 
     def loads(self, data: bytes) -> Any:
-        try:
-            return _decoder(data.decode("utf-8"))
-        except (ValueError, TypeError, KeyError) as exc:
-            raise CorruptPayload(f"undecodable JSON attribute ({type(exc).__name__})") from None
+        """The value of a blob written by :meth:`dumps`. Only :class:`CorruptPayload` is raised:
+        for bytes that are not UTF-8 or not one JSON value, nesting deeper than
+        :data:`~sessionstore.decoding.MAX_DEPTH`, a tag holding the wrong type, and a string
+        with a lone surrogate (it could not be written back: the dirty check would fail)."""
+        value = decoding.json_document(data, "attribute", scan=_scan)
+        if b"\\" in data and (b"\\ud" in data or b"\\uD" in data):  # surrogate escapes: dumps writes none
+            try:
+                self.dumps(value, "")
+            except (SerializationError, ValueError):  # UnicodeEncodeError on the str fast path
+                raise CorruptPayload("bad attribute: a string holds a lone surrogate", part="attribute") from None
+        return value
 
     @staticmethod
     def _error(value: Any, attribute: str) -> SerializationError:

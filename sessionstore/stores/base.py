@@ -191,8 +191,11 @@ class LockingStore(Protocol):
     """A store that can hold a per-session lock (``locking`` setting).
 
     The lock lives under ``companion_key(key, "lock")`` and holds ``token``
-    (the owner). It is taken atomically only if free, expires by itself after
-    ``expiry`` seconds, and only its owner may renew or release it.
+    (the owner: printable ASCII without spaces, 1-255 characters). It is taken
+    atomically only if free, expires by itself after ``expiry`` seconds, and
+    only its owner may renew or release it. A store that reads the holder of
+    a lock it could not take (Redis) raises :class:`~sessionstore.errors.CorruptPayload`
+    (``lock``) when it holds anything but such a token.
     """
 
     def lock(

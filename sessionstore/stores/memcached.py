@@ -144,7 +144,8 @@ from urllib.parse import parse_qsl, urlsplit
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
-from ..errors import ConfigError, StoreError, StoreUnavailable
+from ..decoding import epoch, field, json_document
+from ..errors import ConfigError, CorruptPayload, StoreError, StoreUnavailable
 from .base import ANY, INDEX_SUFFIX, NO_LOAD, FeedBatch, Record, SaveResult, companion_key, count_ops
 
 __all__ = ["MemcachedStore", "Version"]
@@ -165,6 +166,8 @@ _SPREAD = 3
 _DEFAULT_PORT = 11211
 #: A pooled connection the server closed behind our back.
 _STALE = (MemcacheUnexpectedCloseError, ConnectionResetError, BrokenPipeError)
+#: What a damaged index record is reported as (see sessionstore.decoding.PARTS).
+_RECORD = "index record"
 #: Read-modify-write rounds of an index record before giving up.
 _CAS_ROUNDS = 64
 #: Lifetime of the feed sequence and of each feed record.
@@ -915,15 +918,16 @@ def _last(expiries: Iterable[float | None]) -> float | None:
 
 
 def _read_entries(data: bytes | None) -> dict[str, float | None]:
-    """A forward record: ``{session key: expiry or None}`` (a JSON object)."""
+    """A forward record: ``{session key: expiry or None}`` (a JSON object).
+
+    :raise CorruptPayload: (``index record``) it is not one; it is then left as it is.
+    """
     if not data:
         return {}
-    try:
-        raw = json.loads(data)
-        return {str(k): (None if v is None else float(v)) for k, v in raw.items()}
-    except (ValueError, AttributeError, TypeError):
-        log.warning("memcached: unreadable index record ignored")
-        return {}
+    raw = json_document(data, _RECORD)
+    if type(raw) is not dict:
+        raise CorruptPayload(f"bad {_RECORD}: memcached: a forward index record is not a JSON object", part=_RECORD)
+    return {key: _expiry(value, "expiry") for key, value in raw.items()}  # a key names a session: never shown
 
 
 def _write_entries(entries: dict[str, float | None]) -> bytes:
@@ -932,15 +936,23 @@ def _write_entries(entries: dict[str, float | None]) -> bytes:
 
 
 def _read_reverse(data: bytes | None) -> tuple[float | None, set[str]]:
-    """A reverse record: ``(its expiry or None, index keys)``."""
+    """A reverse record: ``(its expiry or None, index keys)``.
+
+    :raise CorruptPayload: (``index record``) it is not one; it is then left as it is.
+    """
     if not data:
         return None, set()
-    try:
-        raw = json.loads(data)
-        return (None if raw["e"] is None else float(raw["e"])), {str(n) for n in raw["x"]}
-    except (ValueError, KeyError, TypeError):
-        log.warning("memcached: unreadable reverse index record ignored")
-        return None, set()
+    raw = json_document(data, _RECORD)
+    names = raw.get("x") if type(raw) is dict else None
+    if type(names) is not list or not all(type(n) is str for n in names):
+        raise CorruptPayload(f"bad {_RECORD}: memcached: a reverse index record lacks its list of index keys",
+                             part=_RECORD)
+    return field(raw, "e", _RECORD, _expiry), set(names)
+
+
+def _expiry(value: object, name: str, part: str = "index record") -> float | None:
+    """An entry's or record's expiry: epoch seconds, or None (never)."""
+    return None if value is None else epoch(value, name, part)
 
 
 def _write_reverse(expiry: float | None, names: set[str]) -> bytes:

@@ -106,6 +106,7 @@ from redis.exceptions import (
     RedisClusterException,
     RedisError,
     ReadOnlyError,
+    ResponseError,
     SlotNotCoveredError,
     TimeoutError,
     TryAgainError,
@@ -113,6 +114,7 @@ from redis.exceptions import (
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from ..decoding import lock_token
 from ..errors import ConfigError, CorruptPayload, StoreError, StoreUnavailable
 from .base import ANY, INDEX_SUFFIX, NO_LOAD, Record, SaveResult, companion_key, count_ops
 from .redis_direct import MISS, DirectCommands
@@ -157,10 +159,10 @@ return {0, redis.call('GET', KEYS[1])}
 
 #: KEYS: session, lock. ARGV: token, lock expiry ms, session ttl ms or ''.
 #: Takes the lock if free (or already ``token``'s), then loads and touches
-#: the session. Returns ``{0}`` or ``{1, value or nil}``.
+#: the session. Returns ``{0, holder}`` or ``{1, value or nil}``.
 _LOCK = Script(None, b"""
 local holder = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')
-if holder and holder ~= ARGV[1] then return {0} end
+if holder and holder ~= ARGV[1] then return {0, holder} end
 if ARGV[3] == '' then return {1, redis.call('GETEX', KEYS[1], 'PERSIST')} end
 return {1, redis.call('GETEX', KEYS[1], 'PX', ARGV[3])}
 """)
@@ -261,11 +263,16 @@ _UNAVAILABLE = (
 
 @contextmanager
 def _translated() -> Iterator[None]:
-    """Re-raise redis-py failures as :class:`StoreUnavailable` or :class:`StoreError`."""
+    """Re-raise redis-py failures as :class:`StoreUnavailable` or :class:`StoreError`; a key
+    of another type than ours (``WRONGTYPE``, also from inside a script) as :class:`CorruptPayload`."""
     try:
         yield
     except _UNAVAILABLE as exc:
         raise StoreUnavailable(f"redis: {exc}") from exc
+    except ResponseError as exc:
+        if "WRONGTYPE" in str(exc):
+            raise CorruptPayload("bad record: redis: the key holds another type of value", part="record") from None
+        raise StoreError(f"redis: {exc}") from exc
     except (RedisError, RedisClusterException) as exc:
         raise StoreError(f"redis: {exc}") from exc
 
@@ -285,7 +292,7 @@ def _record(raw: bytes | None) -> Record | None:
     if raw is None:
         return None
     if not _VERSION_RE.match(raw):
-        raise CorruptPayload("redis: stored value has no version header")
+        raise CorruptPayload("bad record: redis: stored value has no version header", part="record")
     return Record(raw[_VERSION_LEN:], raw[:_VERSION_LEN].decode("ascii"))
 
 
@@ -495,9 +502,16 @@ class RedisStore:
         lock_key = companion_key(key, "lock")
         if load_ttl is NO_LOAD:
             holder = self._command("SET", lock_key, token, "NX", "PX", _ms(expiry), "GET", get=True)
-            return holder is None or holder == token.encode(), None
+            return holder is None or lock_token(holder) == token, None
         reply = self._script(_LOCK, [key, lock_key], [token, _ms(expiry), _ttl_arg(load_ttl)])
-        return (True, _record(reply[1])) if reply[0] == 1 else (False, None)
+        if reply[0] == 1:
+            try:
+                return True, _record(reply[1])
+            except CorruptPayload:  # the caller never learns it holds the lock: release it
+                self.unlock(key, token)
+                raise
+        lock_token(reply[1])  # a held lock must hold a token: anything else is not ours
+        return False, None
 
     def renew(self, key: str, token: str, expiry: float) -> bool:
         """Reset the lock's expiry to ``expiry`` seconds if ``token`` owns it."""
@@ -533,7 +547,8 @@ class RedisStore:
 
     def index_find(self, index_key: str) -> list[str]:
         """Live session keys under ``index_key``: one script, then one pipelined ``EXISTS`` each."""
-        members = [m.decode() for m in self._script(_INDEX_FIND, [index_key], [])]
+        # entries are checked by the caller (SessionIndex.entry); undecodable bytes cannot pass it
+        members = [m.decode("utf-8", "replace") for m in self._script(_INDEX_FIND, [index_key], [])]
         if not members:
             return []
         count_ops(len(members))
@@ -547,7 +562,7 @@ class RedisStore:
     def index_drop(self, key: str) -> int:
         """Drop ``key``'s entries: ``SMEMBERS`` of its reverse set, then one script per slot."""
         reverse = companion_key(key, INDEX_SUFFIX)
-        names = sorted(m.decode() for m in self._command("SMEMBERS", reverse))
+        names = sorted(_index_keys(self._command("SMEMBERS", reverse)))
         if not names:
             return 0
         for holds_reverse, keys in _by_slot(self._redis(), reverse, names):
@@ -570,6 +585,15 @@ class RedisStore:
 
 
 # -- index and feed helpers ------------------------------------------------------
+
+
+def _index_keys(members: Sequence[bytes]) -> list[str]:
+    """The index keys in a reverse set (printable ASCII: hashes of the pairs)."""
+    try:
+        return [m.decode("ascii") for m in members]
+    except UnicodeDecodeError:
+        raise CorruptPayload("bad index record: redis: a reverse index set holds a non-ASCII member",
+                             part="index record") from None
 
 
 def _by_slot(client: Client, first: str, others: Sequence[str]) -> list[tuple[bool, list[str]]]:

@@ -127,7 +127,7 @@ from sqlalchemy.engine import Connection, CursorResult, Engine, Row
 from sqlalchemy.engine.url import URL, make_url
 from sqlalchemy.sql import ColumnCollection, Executable, Update
 
-from ..errors import ConfigError, StoreUnavailable
+from ..errors import ConfigError, CorruptPayload, StoreUnavailable
 from .base import ANY, NO_LOAD, FeedBatch, Record, SaveResult, companion_key, count_ops
 
 __all__ = ["SQLStore", "migrate", "DEFAULT_TABLE"]
@@ -351,7 +351,26 @@ def _is_version(value: Any) -> bool:
 
 
 def _record(row: Row[Any] | None) -> Record | None:
-    return None if row is None else Record(bytes(row.payload), int(row.version))
+    """The record in a row. SQLite keeps any type in any column, so a row written by
+    someone else may hold text or a number where the payload or the version belongs.
+
+    :raise CorruptPayload: (``record``) the payload is not bytes or the version not an integer.
+    """
+    if row is None:
+        return None
+    payload, version = row.payload, row.version
+    if not isinstance(payload, (bytes, bytearray, memoryview)) or type(version) is not int:
+        raise CorruptPayload(f"bad record: SQL row holds a {type(payload).__name__} payload and a "
+                             f"{type(version).__name__} version", part="record")
+    return Record(bytes(payload), version)
+
+
+def _message(value: Any) -> bytes:
+    """A feed message column as bytes (text planted in SQLite is passed on as UTF-8, for the
+    feed's own decoder to judge; any other type as nothing, which it rejects)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    return value.encode("utf-8", "replace") if isinstance(value, str) else b""
 
 
 def _upsert(
@@ -762,7 +781,7 @@ class SQLStore:
             wanted = or_(wanted, feed.c.seq.in_(list(gaps)))
         stmt = select(feed.c.seq, feed.c.message).where(feed.c.channel == channel, wanted).order_by(feed.c.seq)
         with self._connect() as conn:
-            rows = [(int(seq), bytes(message)) for seq, message in self._run(conn, stmt)]
+            rows = [(int(seq), _message(message)) for seq, message in self._run(conn, stmt)]
         now, lost = time.monotonic(), False
         found = {seq for seq, _ in rows}
         top = max([cursor.seq, *found])

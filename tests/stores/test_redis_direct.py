@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from sessionstore.errors import StoreError, StoreUnavailable
+from sessionstore.errors import CorruptPayload, StoreUnavailable
 from sessionstore.stores.base import close_counter, open_counter
 from sessionstore.stores.redis import RedisStore
 from sessionstore.stores.redis_direct import PAUSE
@@ -60,12 +60,14 @@ def test_a_read_after_the_server_restarted_reconnects(store, redis_server):
     assert store.load_and_touch(key, 60).data == b"after"
 
 
-def test_an_error_reply_is_a_store_error_and_the_next_read_works(store, redis_server):
+def test_an_error_reply_is_raised_and_the_next_read_works(store, redis_server):
+    """WRONGTYPE: the key holds a value that is not ours, so CorruptPayload (a corrupt-payload
+    cause, not a failed request); the connection that got the error reply stays usable."""
     wrong, good = _key(), _key()
     with redis_client(redis_server.port) as client:
         client.rpush(wrong, b"not a string")
     store.save(good, b"fine", 60)
-    with pytest.raises(StoreError, match="WRONGTYPE"):
+    with pytest.raises(CorruptPayload, match="another type"):
         store.load(wrong)
     for _ in range(3):
         assert store.load(good).data == b"fine"
