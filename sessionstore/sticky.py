@@ -235,17 +235,9 @@ class StickyStore:
         parallel request of the same page got here first), or ``None``: then
         the caller takes it over and says so with :meth:`taken_over`.
         """
-        token, turn = secrets.token_hex(8), companion_key(key, _TURN)
-        deadline = time.monotonic() + _TURN_WAIT
-        while not self.local.lock(turn, token, _TURN_EXPIRY)[0]:
-            if time.monotonic() >= deadline:
-                raise StoreUnavailable("another worker of this node is taking this session over")
-            time.sleep(0.002)
-        try:
+        with held(self.local, companion_key(key, _TURN), _TURN_EXPIRY, _TURN_WAIT, "taking this session over"):
             moved = self.local.load(companion_key(key, _MOVED))
             yield None if moved is None else moved.data.decode()
-        finally:
-            self.local.unlock(turn, token)
 
     def taken_over(self, key: str, new_id: str) -> None:
         """Session ``key`` now lives here as ``new_id``: later requests with the old id get that one."""
@@ -420,16 +412,23 @@ class _Ledger:
     @contextmanager
     def lease(self, key: str, wait: float) -> Iterator[None]:
         """Hold session ``key``'s backup lease (waiting up to ``wait`` s for another worker)."""
-        token, lease = secrets.token_hex(8), companion_key(key, _LEASE)
-        deadline = time.monotonic() + wait
-        while not self.local.lock(lease, token, _LEASE_EXPIRY)[0]:
-            if time.monotonic() >= deadline:
-                raise StoreUnavailable("another worker of this node is writing this session's backup")
-            time.sleep(0.001)
-        try:
+        with held(self.local, companion_key(key, _LEASE), _LEASE_EXPIRY, wait, "writing this session's backup"):
             yield
-        finally:
-            self.local.unlock(lease, token)
+
+
+@contextmanager
+def held(local: LocalStore, lock_key: str, expiry: float, wait: float, doing: str) -> Iterator[None]:
+    """Hold the node-copy lock ``lock_key`` (it frees itself after ``expiry`` s if its worker dies),
+    waiting up to ``wait`` s for the worker of this node that is ``doing`` something with it."""
+    token, deadline = secrets.token_hex(8), time.monotonic() + wait
+    while not local.lock(lock_key, token, expiry)[0]:
+        if time.monotonic() >= deadline:
+            raise StoreUnavailable(f"another worker of this node is {doing}")
+        time.sleep(0.001)
+    try:
+        yield
+    finally:
+        local.unlock(lock_key, token)
 
 
 def _session_of(key: str) -> str:
