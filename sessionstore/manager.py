@@ -674,6 +674,9 @@ class SessionManager:
         s = session._s
         if not changes.written and not s.forced and s.payload is None:
             return False
+        if self._rotated_from_an_ended_id(s):
+            session._record.add("concurrent-update", destroyed_meanwhile=True)
+            return False
         key, ttl = self.key(s.id), self._ttl(s.meta)  # type: ignore[arg-type]
         s.meta.tombstoned = 0.0  # type: ignore[union-attr]  # a new id: its tombstone is due now
         tombstone = self._tombstone_due(s.meta, ttl)  # type: ignore[arg-type]
@@ -686,6 +689,18 @@ class SessionManager:
         if s.is_new:
             self.listeners.emit(SessionEvent("created", s.id))  # type: ignore[arg-type]
         return True
+
+    def _rotated_from_an_ended_id(self, s: SessionState) -> bool:
+        """``rotate()`` of a session that was destroyed meanwhile (a logout in a parallel request):
+        it must not come back under the new id. Sticky: a look at the node copy; else 1 command."""
+        rotated = [old for old, why, _ in s.stale_ids if why == "rotated"]
+        if not rotated:
+            return False
+        key = self.key(rotated[-1])
+        ended = self._sticky.is_destroyed(key) if self._sticky is not None else self.store.load(key) is None
+        if ended:
+            s.stale_ids[:] = [item for item in s.stale_ids if item[1] != "rotated"]
+        return ended
 
     def _update(self, session: Session, changes: Changes) -> bool:
         """Conditional save; on a concurrent write, merge and retry."""

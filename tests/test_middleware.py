@@ -473,3 +473,52 @@ def test_settings_object_and_fields(clock):
     mw = SessionMiddleware(json_app(HANDLERS), settings, clock=clock, max_inactive=5)
     assert mw.settings.cookie_name == "sid" and mw.settings.max_inactive == 5
     assert Client(mw).get("/login").headers["Set-Cookie"].startswith("sid=")
+
+
+@pytest.mark.parametrize("mode", ["non-sticky", "sticky"])
+def test_rotate_after_a_parallel_logout_does_not_bring_the_session_back(mode, tmp_path):
+    """A request loaded the session, another logged out, then the first called rotate()."""
+    import threading
+
+    from sessionstore import SessionMiddleware, get_session
+    from tests.helpers import CountingMemoryStore, ServerClient
+
+    loaded, logged_out = threading.Event(), threading.Event()
+
+    def app(environ, start_response):
+        session = get_session(environ)
+        path = environ["PATH_INFO"]
+        if path == "/login":
+            session["user"] = "alice"
+        elif path == "/logout":
+            session.invalidate()
+        elif path == "/slow-rotate":
+            assert session["user"] == "alice"
+            loaded.set()
+            assert logged_out.wait(10)
+            session.rotate()
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    fields = {"mode": "sticky", "node_id": "n1", "node_dir": str(tmp_path / "n1")} if mode == "sticky" else {}
+    mw = SessionMiddleware(app, store=CountingMemoryStore(), secret_key="rot", debug=True, **fields)
+    first = ServerClient(mw)
+    first.get("/login")
+    cookie = first.get_cookie("session").value
+    slow, results = ServerClient(mw), {}
+    slow.set_cookie("session", cookie)
+    thread = threading.Thread(target=lambda: results.setdefault("r", slow.get("/slow-rotate")))
+    thread.start()
+    assert loaded.wait(10)
+    first.get("/logout")
+    logged_out.set()
+    thread.join(10)
+    response = results["r"]
+    assert "concurrent-update" in response.headers["X-Session-Debug"]
+    new_cookie = slow.get_cookie("session")
+    assert new_cookie is None or new_cookie.value == cookie  # no new id was handed out ...
+    for value in {cookie, *(c.value for c in [slow.get_cookie("session")] if c)}:
+        session_id = mw.manager.signer.unsign(value)
+        assert isinstance(session_id, str) and mw.manager.load(session_id) is None  # ... nor stored
+    assert all(mw.manager.load(k.removeprefix("sessionstore:{").removesuffix("}")) is None
+               for k in mw.manager._shared.wrapped.keys() if "}:" not in k and k.startswith("sessionstore:{"))
