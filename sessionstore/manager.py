@@ -440,6 +440,8 @@ class SessionManager:
             s.forced = True
             self._create(session, Changes())  # stored under the new id now, before any parallel request looks
             s.forced = False
+            if self._renewer is not None and self.lock_policy.should_lock(session._path):
+                self._lock_and_load(session, self.key(s.id), NO_LOAD)  # before the others can load it
             self._sticky.taken_over(key, s.id)
         session._record.add("route-changed", previous_route=previous_route)
         session._record.source = "failover"

@@ -289,7 +289,7 @@ class LocalStore:
             entry = _decode(txn.get(k, db=self._db_of(key)), now)
             if entry is None or (version is not ANY and entry.version != version):
                 return False
-            if force or _needs_slide(entry.expires, ttl, now) or _stamp(now) != entry.stamp:
+            if force or _needs_slide(entry.expires, ttl, now) or _stamp(now) - entry.stamp > 1000 * SLIDE_STEP:
                 self._drop(txn, key, entry)
                 self._put(txn, key, _Entry(entry.data, entry.version, _expires(ttl, now), _stamp(now)))
         return True
@@ -555,7 +555,8 @@ def _needs_slide(expires: float, ttl: int | None, now: float) -> bool:
 
 
 def _stamp(now: float) -> int:
-    return int(now * 1000) // int(1000 * SLIDE_STEP) * int(1000 * SLIDE_STEP)
+    """The LRU order key of an access at ``now``: milliseconds (reads move it at most once a second)."""
+    return int(now * 1000)
 
 
 def _entry_key(index_key: str, key: str) -> bytes:

@@ -114,6 +114,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--secret", required=True)
     parser.add_argument("--max-inactive", type=int, default=1800)
     parser.add_argument("--locking", default="none")
+    parser.add_argument("--node-dir", default=None, help="the node copy's directory (default: per app and node id)")
     return parser.parse_args(argv)
 
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve_until_signalled(build_app(args.node_id, args.store, args.backup, args.secret, max_inactive=args.max_inactive,
-                                   locking=args.locking), args.port)
+                                   locking=args.locking, node_dir=args.node_dir), args.port)
     return 0
 
 
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def start_node(node_id: str, store: str, *, secret: str, backup: str = "sync", port: int | None = None,
-               workdir: Path | None = None, max_inactive: int = 1800, locking: str = "none") -> ServerProcess:
+               workdir: Path | None = None, max_inactive: int = 1800, locking: str = "none",
+               node_dir: Path | None = None) -> ServerProcess:
     """Start this module as a separate process on ``port`` (a free one by default); ready when it returns.
 
     The node's stderr goes to ``<workdir>/server-<port>.log``.
@@ -138,7 +140,7 @@ def start_node(node_id: str, store: str, *, secret: str, backup: str = "sync", p
     port = port or free_port()
     argv = [sys.executable, str(Path(__file__).resolve()), "--port", str(port), "--node-id", node_id,
             "--store", store, "--backup", backup, f"--secret={secret}", "--max-inactive", str(max_inactive),
-            "--locking", locking]
+            "--locking", locking] + ([] if node_dir is None else ["--node-dir", str(node_dir)])
     return ServerProcess(argv, port, workdir).start(timeout=30)
 
 

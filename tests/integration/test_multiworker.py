@@ -233,8 +233,27 @@ def stored_value(url: str, session_id: str, attr: str = "n"):
 
 
 def replays(node: GunicornNode, cookie: str, n: int = 30) -> list[Reply]:
-    """``n`` requests of ``/read`` with ``cookie``, each from a fresh browser on a new connection."""
-    return [Browser(node.port, cookie).get("/read") for _ in range(n)]
+    """``n`` requests of ``/read`` with ``cookie``, each from a fresh browser on a new connection.
+
+    Parallel clients (``node.workers`` of them) make the node's workers share the work: on an idle
+    machine one sequential client can be served by a single worker every time.
+    """
+    clients = max(2, node.workers)
+    replies: list[Reply] = []
+    start = threading.Barrier(clients)
+
+    def run(count: int) -> None:
+        start.wait(30)
+        for _ in range(count):  # a fresh browser each time: it sends the old cookie whatever came back
+            replies.append(Browser(node.port, cookie).get("/read"))
+
+    threads = [threading.Thread(target=run, args=(n // clients + (i < n % clients),)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(replies) == n, f"{n - len(replies)} replays got no answer"
+    return replies
 
 
 def seeing(replies: list[Reply]) -> list[str]:

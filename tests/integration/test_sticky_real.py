@@ -393,18 +393,22 @@ def test_store_outage_under_load_fails_no_request_and_backups_catch_up(backup, o
 # -- 5. a restarted node -----------------------------------------------------------------------
 
 
-def test_restarted_node_loads_its_sessions_from_the_store_under_the_same_id(own_redis, nodes):
-    n1 = nodes("n1", own_redis.url)
+@pytest.mark.parametrize("host", ["restarted", "rebooted"])
+def test_restarted_node_serves_its_sessions_under_the_same_id(own_redis, nodes, tmp_path, host):
+    """The node process SIGKILLed and started again: on the same host its node copy survived
+    (served from there, no store command); after a reboot (a new node copy) from the store."""
+    n1 = nodes("n1", own_redis.url, node_dir=tmp_path / "before")
     browser = Browser(n1.port)
     for expected in range(1, 4):
         assert browser.get("/inc").body["value"] == expected
     cookie, session_id = browser.cookie, browser.get("/read").body["id"]
     n1.kill()
-    restarted = nodes("n1", own_redis.url, port=n1.port)
+    restarted = nodes("n1", own_redis.url, port=n1.port,
+                      node_dir=tmp_path / ("before" if host == "restarted" else "after-reboot"))
 
     reply = browser.get("/read")
     assert reply.status == 200 and reply.body == {"id": session_id, "data": {"n": 3}}
-    assert reply.debug["source"] == "store" and reply.causes == []
+    assert reply.debug["source"] == ("local" if host == "restarted" else "store") and reply.causes == []
     assert reply.set_cookie is None and browser.cookie == cookie
     assert browser.get("/inc").body == {"attr": "n", "value": 4, "id": session_id}
     assert browser.get("/read").debug["source"] == "local"
@@ -519,12 +523,12 @@ def test_parallel_first_loads_after_a_node_restart_lose_no_update(own_redis, mid
 
 def test_parallel_requests_failing_over_together_stay_one_session(own_redis, nodes):
     """After n1 dies, 4 parallel requests with n1's cookie reach n2: one takeover, one new id."""
-    n1, n2 = nodes("n1", own_redis.url), nodes("n2", own_redis.url)
+    n1, n2 = nodes("n1", own_redis.url), nodes("n2", own_redis.url, locking="all")
     browser = Browser(n1.port)
     for _ in range(3):
         browser.get("/inc")
     n1.kill()
-    # a page's parallel requests all arrive at n2 with n1's cookie
+    # a page's parallel requests all arrive at n2 with n1's cookie (one attribute: the session lock)
     replies = [r for rs in _parallel(n2.port, browser.cookie, [["/inc"]] * 4) for r in rs]
     seen = sorted((r.status, r.body.get("value"), r.debug.get("source")) for r in replies)
     assert len({r.body.get("id") for r in replies}) == 1, f"the session forked on failover: {seen}"
