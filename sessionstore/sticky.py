@@ -74,6 +74,9 @@ _LEASE_EXPIRY = 5.0
 _GONE, _BACKED, _LEASE, _TURN, _MOVED = "gone", "bk", "bkl", "fo", "moved"
 #: Seconds a failover may hold its turn (a killed worker's turn frees itself), and wait for one.
 _TURN_EXPIRY, _TURN_WAIT = 10.0, 10.0
+#: Seconds the old id of a session taken over leads to its new id (the parallel requests of
+#: one page); later, the old id loads nothing here either.
+_MOVED_TTL = 10
 #: Seconds between two "a worker of this node is listening to the feed" beats.
 LISTENING_BEAT = 0.5
 _LISTENING_KEY = "sessionstore:{node}:listening"
@@ -241,7 +244,7 @@ class StickyStore:
 
     def taken_over(self, key: str, new_id: str) -> None:
         """Session ``key`` now lives here as ``new_id``: later requests with the old id get that one."""
-        self.local.save(companion_key(key, _MOVED), new_id.encode(), math.ceil(DESTROYED_MEMORY))
+        self.local.save(companion_key(key, _MOVED), new_id.encode(), _MOVED_TTL)
 
     def load_backup(self, key: str, ttl: int | None) -> Record | None:
         """Another node's session, straight from the shared store (failover)."""

@@ -330,3 +330,20 @@ def test_an_older_backup_write_never_overwrites_a_newer_one(node, clock):
     first.manager.close()
     assert reader.load(session_id)["n"] == 2, "an older backup overwrote a newer one"
     assert key not in writer._pending and shared.calls["save"] - written_before <= 2  # skipped, not rewritten
+
+
+def test_an_id_taken_over_leads_to_the_new_one_only_for_a_moment(node, clock):
+    """Parallel requests of one page share the takeover; a replay of the old cookie later gets nothing."""
+    n1, n2 = node("n1"), node("n2")
+    c1 = Client(n1)
+    c1.get("/inc")
+    old = cookie(c1)
+    moved = move(c1, n2)
+    new_id = moved.get("/inc").json["id"]
+    soon = Client(n2)
+    soon.set_cookie("session", old)
+    assert soon.get("/read").json == {"n": 2, "id": new_id}  # a parallel request of the same page
+    clock.advance(60)
+    late = Client(n2)
+    late.set_cookie("session", old)
+    assert late.get("/read").json["n"] is None  # the old id is over
