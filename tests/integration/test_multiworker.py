@@ -133,12 +133,18 @@ def gunicorn(tmp_path) -> Iterator:
 
 
 def increments(browser: Browser, n: int, path: str = "/inc") -> list[Reply]:
-    """``n`` sequential requests of ``path``; each must answer 200."""
+    """``n`` sequential requests of ``path``; each must answer 200.
+
+    A session-less client keeps the node's workers busy meanwhile: on an idle machine a lone
+    sequential client can be served by the same worker every time, and would show nothing.
+    """
     replies = []
-    for i in range(n):
-        reply = browser.get(path)
-        assert reply.status == 200, f"request {i + 1} of {n}: {reply.status} {reply.body} {reply.debug}"
-        replies.append(reply)
+    with background_requests(browser.port, "/pid") as noise:
+        for i in range(n):
+            reply = browser.get(path)
+            assert reply.status == 200, f"request {i + 1} of {n}: {reply.status} {reply.body} {reply.debug}"
+            replies.append(reply)
+    assert noise.errors == []
     return replies
 
 
