@@ -342,8 +342,8 @@ class _Node:
                 continue
             except OSError as exc:
                 raise _NodeDown(self) from exc
-            except MemcacheError as exc:
-                raise StoreError(f"memcached {self.name}: {type(exc).__name__}: {str(exc)[:120]}") from None
+            except MemcacheError as exc:  # its text can quote a key (a session id) or the server's reply
+                raise StoreError(f"memcached {self.name}: {type(exc).__name__}") from None
             count_ops()
             return result
 
