@@ -141,8 +141,8 @@ from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-from pymemcache.client.base import Client
-from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
+from pymemcache.client.base import Client, _readline, _readvalue
+from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError, MemcacheUnknownError
 
 from ..errors import ConfigError, StoreError, StoreUnavailable
 from .base import ANY, INDEX_SUFFIX, NO_LOAD, FeedBatch, Record, SaveResult, companion_key, count_ops
@@ -180,10 +180,15 @@ _FEED_MAX_BATCH = 1000
 
 
 class Version(NamedTuple):
-    """Version token: the node a copy was read from and that copy's CAS unique."""
+    """Version token: the node a copy was read from and that copy's CAS unique.
+
+    ``next_cas``: when that node was suspect at the read, the CAS of the copy
+    on the next node (0: it had none), which a save checks first; else None.
+    """
 
     node: str
     cas: int
+    next_cas: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +196,8 @@ class _Item:
     data: bytes
     flags: int
     cas: int
+    #: seconds left (-1: never expires), when read with a meta get; else None
+    ttl: int | None = None
 
 
 def _wire_key(key: Any) -> bytes:
@@ -252,6 +259,27 @@ class _Wire(Client):
             return None
         (data, flags), cas = found[key]
         return _Item(data, flags, int(cas))
+
+    def meta_fetch(self, key: bytes, exptime: int | None) -> _Item | None:
+        """``mg key v f c t`` (``T<exptime>``: touched too): the item with the seconds it has left."""
+        command = b"mg %s v f c t" % key + (b"" if exptime is None else b" T%d" % exptime)
+        if self.sock is None:
+            self._connect()
+        try:
+            self.sock.sendall(command + b"\r\n")
+            buf, line = _readline(self.sock, b"")
+            if line == b"EN":
+                return None
+            self._raise_errors(line, b"mg")
+            head = line.split()
+            if head[0] != b"VA":
+                raise MemcacheUnknownError(line[:32])
+            _, data = _readvalue(self.sock, buf, int(head[1]))
+        except Exception:
+            self.close()  # never leave the connection mid-response
+            raise
+        fields = {part[:1]: int(part[1:]) for part in head[2:]}
+        return _Item(data, fields[b"f"], fields[b"c"], fields[b"t"])
 
     def meta_set(
         self, key: bytes, data: bytes, exptime: int, flags: int, mode: bytes, cas: int | None
