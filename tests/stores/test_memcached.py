@@ -19,6 +19,7 @@ from tests.servers.memcached_fixtures import (
     memcached_command_count,
     memcached_items,
     memcached_peek,
+    settled,
 )
 from tests.servers.process import free_port
 
@@ -90,8 +91,8 @@ def cluster(memcached_cluster) -> MemcachedCluster:
 
 
 @pytest.fixture
-def store(cluster):
-    store = MemcachedStore.from_url(cluster.url())
+def store(cluster, steady_polls):
+    store = settled(MemcachedStore.from_url(cluster.url()))
     yield store
     store.close()
 
@@ -357,9 +358,9 @@ def test_killing_a_node_mid_run_relocates_its_sessions(memcached_fault_cluster):
     store.close()
 
 
-def test_primary_restarted_empty_is_refilled_from_the_backup(memcached_fault_cluster):
+def test_primary_restarted_empty_is_refilled_from_the_backup(memcached_fault_cluster, steady_polls):
     cluster = memcached_fault_cluster
-    store = MemcachedStore.from_url(cluster.url())
+    store = settled(MemcachedStore.from_url(cluster.url()))
     keys = [new_key() for _ in range(60)]
     for key in keys:
         store.save(key, b"v1", 600)
@@ -413,10 +414,10 @@ def test_relocated_save_races_and_stale_versions(memcached_fault_cluster):
     store.close()
 
 
-def test_dead_node_is_retried_after_retry_after(memcached_fault_cluster):
+def test_dead_node_is_retried_after_retry_after(memcached_fault_cluster, steady_polls):
     cluster = memcached_fault_cluster
     clock = FakeClock()
-    store = MemcachedStore.from_url(cluster.url(retry_after=5), clock=clock)
+    store = settled(MemcachedStore.from_url(cluster.url(retry_after=5), clock=clock))
     node = cluster.ring[2]
     key = saved_with_primary_on(store, cluster, node.port)
     node.kill()
