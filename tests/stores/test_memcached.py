@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import signal
 import socket
 import statistics
 import threading
@@ -575,3 +579,115 @@ def test_a_node_restarted_while_in_use_rejoins_only_after_rejoin_after(memcached
         store.save(key, b"v3", 600, expect=current.version)
     assert holders(cluster, key)[cluster.ring[0].port] == PRIMARY  # back in the ring
     store.close()
+
+
+# -- partitions: suspect nodes ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def unreachable(server):
+    """``server`` frozen (SIGSTOP): requests to it time out, and it keeps its data, as in a
+    partition. It answers again (SIGCONT) when the block ends."""
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        time.sleep(0.2)  # it runs the commands that timed out meanwhile (they count)
+
+
+def poll_due(store: MemcachedStore) -> MemcachedStore:
+    """Make ``store`` read the ring's record of suspect nodes at its next operation."""
+    store._suspects._polled = -math.inf
+    return store
+
+
+def counted(cluster: MemcachedCluster, call):
+    """``(commands the servers executed, result)`` of ``call()``, checked against count_ops."""
+    counter, token = open_counter()
+    before = commands(cluster)
+    try:
+        result = call()
+    finally:
+        close_counter(token)
+    spent = commands(cluster) - before
+    assert counter.n == spent, "count_ops must match what the servers executed"
+    return spent, result
+
+
+def partitioned_write(cluster: MemcachedCluster, clock: FakeClock) -> tuple[MemcachedStore, MemcachedStore, str]:
+    """A writer that saw ring node 0 fail and wrote its session ``v2`` around it, and a reader
+    that never saw it fail and read ``v1`` before; node 0 still holds ``v1``."""
+    writer = MemcachedStore.from_url(cluster.url(), clock=clock)
+    reader = settled(MemcachedStore.from_url(cluster.url(), clock=clock))
+    key = saved_with_primary_on(writer, cluster, cluster.ring[0].port)
+    assert reader.load(key).data == b"v1"
+    with unreachable(cluster.ring[0]):
+        record = writer.load(key)  # times out: node 0 is marked dead, and suspect on the other nodes
+        assert record.relocated and record.data == b"v1"
+        started = time.monotonic()
+        assert writer.save(key, b"v2", 600, expect=record.version).ok
+        waited = time.monotonic() - started
+    assert waited >= writer._suspects.fence - 1.0  # the fence: the first write around it waited
+    assert memcached_peek(cluster.ring[0].port, key) == (b"v1", PRIMARY)  # kept its older copy
+    return writer, reader, key
+
+
+def test_a_healed_node_is_compared_by_a_client_that_never_saw_it_fail(memcached_fault_cluster, steady_polls):
+    """The reader learns of the suspicion from the ring (one poll: 2 gets), then reads the node's
+    keys through the next node's copy: 2 commands, 3 with the repair; saves cost 2."""
+    cluster, clock = memcached_fault_cluster, FakeClock()
+    writer, reader, key = partitioned_write(cluster, clock)
+    elsewhere = saved_with_primary_on(reader, cluster, cluster.ring[1].port)  # (the writer skips node 0)
+    stale = reader.load(key)  # not polled again yet (steady_polls): the old copy, as before this change
+    assert stale.data == b"v1" and reader.suspects() == []
+
+    assert counted(cluster, lambda: poll_due(reader).load(elsewhere))[0] == 2 + 1  # the poll + gets
+    assert reader.suspects() == [f"127.0.0.1:{cluster.ring[0].port}"] == writer.suspects()
+    spent, refused = counted(cluster, lambda: reader.save(key, b"stale", 600, expect=stale.version))
+    assert not refused.ok and refused.current.data == b"v2"  # read before it knew: reread, compared
+    assert spent == 3  # gets + mg (the next node's copy wins) + the repair
+    assert memcached_peek(cluster.ring[0].port, key) == (b"v2", PRIMARY)  # repaired
+    spent, record = counted(cluster, lambda: reader.load_and_touch(key, 600))
+    assert spent == 2 and record.data == b"v2" and not record.relocated
+    spent, result = counted(cluster, lambda: reader.save(key, b"v3", 600, expect=record.version))
+    assert spent == 2 and result.ok  # the next node's copy (checked), then node 0's
+    assert counted(cluster, lambda: reader.single_copy().save(key, b"v4", 600, expect=result.version))[0] == 2
+    assert counted(cluster, lambda: reader.touch(key, 600))[0] == 2
+    assert counted(cluster, lambda: reader.load(elsewhere))[0] == 1  # its primary is not suspect
+
+    clock.now += 3600  # past every window: node 0 is trusted again
+    assert reader.suspects() == []
+    spent, record = counted(cluster, lambda: reader.load(key))
+    assert spent == 1 and record.data == b"v4"
+    writer.close()
+    reader.close()
+
+
+def test_writers_that_disagree_on_a_healed_node_lose_no_update(memcached_fault_cluster, steady_polls):
+    """The writer still skips node 0 (its retry is not due), the reader uses it again: both
+    increment the same session in parallel, and each acknowledged increment is kept."""
+    cluster, clock = memcached_fault_cluster, FakeClock()
+    writer, reader, key = partitioned_write(cluster, clock)
+    for store in (writer, reader):
+        store.save(key, b"0", 600)
+    poll_due(reader)
+    acked = []
+
+    def increment(store: MemcachedStore) -> None:
+        for _ in range(60):
+            while True:
+                record = store.load_and_touch(key, 600)
+                if store.save(key, b"%d" % (int(record.data) + 1), 600, expect=record.version).ok:
+                    acked.append(store)
+                    break
+
+    threads = [threading.Thread(target=increment, args=(store,)) for store in (writer, reader)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert writer.suspects() == reader.suspects() == [f"127.0.0.1:{cluster.ring[0].port}"]
+    assert len(acked) == 120 and reader.load(key).data == b"120" and writer.load(key).data == b"120"
+    writer.close()
+    reader.close()
