@@ -101,11 +101,22 @@ Partitions: suspect nodes
     knew of the suspicion is refused (``current`` is read compared). ``touch``
     slides both copies.
 
+    A delete that goes around a dead node cannot remove the copy there, so
+    it leaves a *gone copy* (client flags 3, no data) in place of the first
+    live node's copy (one ``mg`` more, for how long the copy had left): reads
+    take it for no record, and it wins over a suspect node's differing copy,
+    which the compared read then deletes. It lives, and keeps the node
+    suspect, as long as the copies left behind may: the longest TTL the
+    process has used (with tombstones, the idle timeout + 1 day), or that
+    copy's own if longer, + 60 s. A create that finds one (its ``add`` fails
+    and nothing can be read) takes its place with a CAS.
+
     The window lasts as long as a copy it must outdo can live: at first
     ``retry_after`` + fence + 60 s, and every write that goes around the
     node, and every write or touch of its copies in the window, extends it
     to that TTL + 60 s (published again only once half a TTL more is
-    needed). The *fence*: a process writes around a dead node, or through the
+    needed): with tombstones, which outlive sessions by a day, windows last
+    about a day. The *fence*: a process writes around a dead node, or through the
     next node's copy, only ``fence`` = 2 x ``suspect_poll`` +
     ``connect_timeout`` + ``timeout`` seconds (3 s) after it learned that the
     node is suspect (it waits, once per suspicion). By then every process
@@ -119,8 +130,8 @@ Partitions: suspect nodes
     evicted (the other nodes still hold it); a second failure within a window
     (the suspect node holding a dead node's backup copies; the failover ring
     in use) is not compared; sessions without TTL keep their node suspect for
-    ever (2 commands per read of its keys); a delete that goes around a dead
-    node leaves the copy there, which wins over the missing next one.
+    ever (2 commands per read of its keys); ``touch`` counts a gone copy as
+    a record.
 
 Costs (commands)
     ============================  =====================  =================================
@@ -219,9 +230,14 @@ log = logging.getLogger("sessionstore.memcached")
 
 T = TypeVar("T")
 
-#: Client flags marking which copy an item is.
+#: Client flags marking which copy an item is; a gone copy marks a deletion that went around a
+#: dead node, so that the older copy left there loses to it when the node answers again.
 _PRIMARY = 1
 _BACKUP = 2
+_GONE = 3
+#: ``expect`` of a create that may take a gone copy's place: ``save`` retries with it a create
+#: that failed where nothing can be read (a create finds nothing else to do in the common case).
+_OVER_GONE = object()
 #: Memcached reads larger expiry values as an absolute unix time.
 _MAX_RELATIVE_TTL = 30 * 24 * 3600
 _KEY = re.compile(r"[\x21-\x7e]{1,250}")
@@ -352,6 +368,16 @@ class _Wire(Client):
             raise
         fields = {part[:1]: int(part[1:]) for part in head[2:]}
         return _Item(data, fields[b"f"], fields[b"c"], fields[b"t"])
+
+    def meta_head(self, key: bytes) -> _Item | None:
+        """``mg key f c t``: the item's flags, CAS and seconds left, without its value."""
+        line = self.raw_command(b"mg %s f c t" % key)
+        if line == b"EN":
+            return None
+        if not line.startswith(b"HD"):
+            raise MemcacheUnknownError(line[:32])
+        fields = {part[:1]: int(part[1:]) for part in line.split()[1:]}
+        return _Item(b"", fields[b"f"], fields[b"c"], fields[b"t"])
 
     def meta_set(
         self, key: bytes, data: bytes, exptime: int, flags: int, mode: bytes, cas: int | None
@@ -523,6 +549,8 @@ class _Suspects:
         self._since: dict[str, float] = {}
         self._polled = -math.inf
         self._guard = threading.Lock()
+        self._longest: float | None = 0.0
+        self._noted = False
 
     def due(self) -> bool:
         return time.monotonic() - self._polled >= self.poll
@@ -553,6 +581,22 @@ class _Suspects:
                     self._until[name] = until
                 else:
                     self._until[name] = _later(window, until)
+
+    def note(self, exptime: int) -> None:
+        """A record was written or touched with ``exptime``: remembered for :meth:`longest`."""
+        lifetime = _lifetime(exptime)
+        if not self._noted:
+            self._longest, self._noted = lifetime, True
+        elif self._longest is not None:
+            self._longest = None if lifetime is None else max(self._longest, lifetime)
+
+    def longest(self, ttl: int | None) -> float | None:
+        """The longest lifetime noted, or ``ttl`` seconds (-1: for ever) if longer; None: for ever.
+        Nothing noted yet: the longest relative TTL memcached takes (30 days)."""
+        known = self._longest if self._noted else float(_MAX_RELATIVE_TTL)
+        if ttl is not None and ttl < 0 or known is None:
+            return None
+        return max(known, float(ttl or 0))
 
     def fence_left(self, name: str) -> float:
         """Seconds until every process polling the ring has surely learned that ``name`` is suspect."""
@@ -844,6 +888,7 @@ class MemcachedStore:
     def load_and_touch(self, key: str, ttl: int | None) -> Record | None:
         """``gats`` on the primary node (and the backup node on a miss)."""
         wire, exptime = _wire_key(key), _exptime(ttl)
+        self._suspects.note(exptime)
         return self._run(wire, lambda nodes: self._read(nodes, wire, exptime))
 
     def _read(self, nodes: list[_Node], key: bytes, exptime: int | None) -> Record | None:
@@ -851,6 +896,8 @@ class MemcachedStore:
             return self._read_compared(nodes[0], nodes[1], key, exptime)
         for position, node in enumerate(nodes[:2]):
             item = node.call(lambda w: w.fetch(key, exptime))
+            if item is not None and item.flags == _GONE:
+                return None
             if item is not None:
                 relocated = position > 0 or item.flags == _BACKUP
                 return Record(item.data, Version(node.name, item.cas), relocated)
@@ -863,11 +910,20 @@ class MemcachedStore:
         mine = first.call(lambda w: w.fetch(key, exptime))
         theirs = second.call(lambda w: w.meta_fetch(key, exptime if mine is None else None))
         if mine is None:
-            return None if theirs is None else Record(theirs.data, Version(second.name, theirs.cas), True)
-        if theirs is None or theirs.flags != _PRIMARY or theirs.data == mine.data:
-            next_cas = 0 if theirs is None else theirs.cas
-            return Record(mine.data, Version(first.name, mine.cas, next_cas), mine.flags == _BACKUP)
-        return self._repair(first, key, mine, theirs, exptime)
+            if theirs is None or theirs.flags == _GONE:
+                return None
+            return Record(theirs.data, Version(second.name, theirs.cas), True)
+        newer = theirs is not None and theirs.flags in (_PRIMARY, _GONE) and (
+            theirs.flags, theirs.data) != (mine.flags, mine.data)
+        if newer and theirs.flags == _GONE:  # deleted while ``first`` was skipped: so is its copy
+            first.call(lambda w: w.meta_delete(key, mine.cas))
+            return None
+        if newer:
+            return self._repair(first, key, mine, theirs, exptime)
+        if mine.flags == _GONE:
+            return None
+        next_cas = 0 if theirs is None else theirs.cas
+        return Record(mine.data, Version(first.name, mine.cas, next_cas), mine.flags == _BACKUP)
 
     def _repair(self, first: _Node, key: bytes, stale: _Item, newer: _Item, exptime: int | None) -> Record:
         """Write the next node's newer copy over ``first``'s, if that is still the one read.
@@ -886,9 +942,15 @@ class MemcachedStore:
     def save(self, key: str, data: bytes, ttl: int | None, expect: Any = ANY) -> SaveResult:
         """Write the primary copy (conditionally on ``expect``), then the backup copy."""
         wire, data, exptime = _wire_key(key), bytes(data), _exptime(ttl)
+        self._suspects.note(exptime)
         written = self._run(wire, lambda nodes: self._commit(nodes, wire, data, exptime, expect))
         if written is None:
-            return SaveResult(False, current=self.load(key))
+            current = self.load(key)
+            if current is not None or expect is not None:
+                return SaveResult(False, current=current)
+            written = self._run(wire, lambda nodes: self._commit(nodes, wire, data, exptime, _OVER_GONE))
+            if written is None:
+                return SaveResult(False, current=self.load(key))
         primary, version, backed_up = written
         if not backed_up and self._copies == 2:
             self._write_backup(wire, primary, data, exptime)
@@ -903,8 +965,8 @@ class MemcachedStore:
             self._fenced(node, exptime)
         if self._compares(nodes):
             return self._commit_compared(primary, nodes[1], key, data, exptime, expect)
-        if expect is ANY or expect is None:
-            cas = self._put(primary, key, data, exptime, _PRIMARY, b"S" if expect is ANY else b"E")
+        if expect is ANY or expect is None or expect is _OVER_GONE:
+            cas = self._write(primary, key, data, exptime, _PRIMARY, b"S" if expect is ANY else b"E", expect)
         elif isinstance(expect, Version) and expect.node == primary.name:
             cas = self._put(primary, key, data, exptime, _PRIMARY, b"S", expect.cas)
         elif isinstance(expect, Version) and len(nodes) > 1 and expect.node == nodes[1].name:
@@ -921,17 +983,18 @@ class MemcachedStore:
         if isinstance(expect, Version) and expect.node == second.name:
             self._fenced(first, exptime)
             return self._commit_relocated(first, second, key, data, exptime, expect.cas, compared=True)
-        if expect is ANY or expect is None:
+        if expect is ANY or expect is None or expect is _OVER_GONE:
             mode, cas = (b"S" if expect is ANY else b"E"), None
         elif isinstance(expect, Version) and expect.node == first.name and expect.next_cas is not None:
             mode, cas = (b"S", expect.next_cas) if expect.next_cas else (b"E", None)
         else:
             return None  # read before this process knew ``first`` was suspect: read again, compared
         self._fenced(first, exptime)
-        next_cas = self._put(second, key, data, exptime, _PRIMARY, mode, cas)
+        next_cas = self._write(second, key, data, exptime, _PRIMARY, mode, expect, cas)
         if next_cas is None:
             return None
-        mine = self._put(first, key, data, exptime, _PRIMARY, b"E" if expect is None else b"S")
+        mode = b"E" if expect is None or expect is _OVER_GONE else b"S"
+        mine = self._write(first, key, data, exptime, _PRIMARY, mode, expect)
         if mine is None:  # a create, and ``first`` holds the record: take the next node's copy back
             second.call(lambda w: w.meta_delete(key, next_cas))
             return None
@@ -968,9 +1031,24 @@ class MemcachedStore:
     ) -> int | None:
         return node.call(lambda w: w.meta_set(key, data, exptime, flags, mode, cas))
 
+    def _write(
+        self, node: _Node, key: bytes, data: bytes, exptime: int, flags: int, mode: bytes, expect: Any,
+        cas: int | None = None,
+    ) -> int | None:
+        """``_put`` of a record; with ``expect`` ``_OVER_GONE`` a create (``add``) also takes the
+        place of a gone copy (CAS-checked)."""
+        new = self._put(node, key, data, exptime, flags, mode, cas)
+        if new is not None or mode != b"E" or expect is not _OVER_GONE:
+            return new
+        there = node.call(lambda w: w.meta_head(key))
+        if there is None or there.flags != _GONE:
+            return None
+        return self._put(node, key, data, exptime, flags, b"S", there.cas)
+
     def touch(self, key: str, ttl: int | None) -> bool:
         """Slide the expiry of both copies (of the one copy with ``copies=1``); False if none exists."""
         wire, exptime = _wire_key(key), _exptime(ttl)
+        self._suspects.note(exptime)
         touch = lambda w: w.touch(wire, exptime, noreply=False)  # noqa: E731
         return self._run(wire, lambda nodes: self._on_each(nodes[: self._touched(nodes, exptime)], touch))
 
@@ -997,22 +1075,40 @@ class MemcachedStore:
         """Remove the key from the first three live nodes (conditionally on its version)."""
         wire = _wire_key(key)
         if expect is ANY:
-            return self._run(wire, lambda nodes: self._purge(nodes, wire))
+            return self._run(wire, lambda nodes: self._remove(nodes, wire))
         if not isinstance(expect, Version):
             return False
         return self._run(wire, lambda nodes: self._delete_version(nodes, wire, expect))
 
-    def _purge(self, nodes: list[_Node], key: bytes) -> bool:
-        """Delete from ``nodes`` in reverse order, so the primary copy goes last."""
-        return self._on_each(reversed(nodes), lambda w: w.delete(key, noreply=False))
+    def _remove(self, nodes: list[_Node], key: bytes, done: _Node | None = None) -> bool:
+        """Delete from ``nodes`` (but ``done``, deleted already) in reverse order, so the first copy
+        goes last; whether one held the record. Around dead nodes, a gone copy takes the place of
+        the first copy instead (see "Partitions")."""
+        delete = lambda w: w.delete(key, noreply=False)  # noqa: E731
+        around = self._skipped(key, nodes[0])
+        if not around:
+            rest = [node for node in reversed(nodes) if node is not done]
+            return bool(rest) and self._on_each(rest, delete)
+        there = nodes[0].call(lambda w: w.meta_head(key))
+        exptime = self._gone_exptime(there)
+        for node in around:
+            self._fenced(node, exptime)
+        rest = [node for node in reversed(nodes[1:]) if node is not done]
+        existed = bool(rest) and self._on_each(rest, delete)
+        self._put(nodes[0], key, b"", exptime, _GONE, b"S")
+        return existed or (there is not None and there.flags != _GONE)
+
+    def _gone_exptime(self, there: _Item | None) -> int:
+        """Expiry of a gone copy: it must outlive the copies left on the nodes it went around,
+        which lived at most as long as the longest TTL this process used, or ``there`` has."""
+        lifetime = self._suspects.longest(None if there is None else there.ttl)
+        return 0 if lifetime is None else _exptime(lifetime + _COVER_MARGIN)
 
     def _delete_version(self, nodes: list[_Node], key: bytes, expect: Version) -> bool:
         owner = next((n for n in nodes[:2] if n.name == expect.node), None)
         if owner is None or not owner.call(lambda w: w.meta_delete(key, expect.cas)):
             return False
-        others = [n for n in nodes if n is not owner]
-        if others:
-            self._purge(others, key)
+        self._remove(nodes, key, done=owner)
         return True
 
     def close(self) -> None:
@@ -1092,11 +1188,18 @@ class MemcachedStore:
         return [k for k in self._live_entries(record.data) if self._exists(k)]
 
     def _exists(self, key: str) -> bool:
-        """Whether the primary or backup node holds ``key`` (meta get, no value sent back)."""
+        """Whether the primary or backup node holds ``key`` (meta get, no value sent back; while
+        the primary node is suspect, the copies are read and compared)."""
         wire = _wire_key(key)
 
+        def held(node: _Node) -> bool:
+            there = node.call(lambda w: w.meta_head(wire))
+            return there is not None and there.flags != _GONE
+
         def probe(nodes: list[_Node]) -> bool:
-            return any(node.call(lambda w: w.raw_command(b"mg " + wire) == b"HD") for node in nodes[:2])
+            if self._compares(nodes):
+                return self._read_compared(nodes[0], nodes[1], wire, None) is not None
+            return any(held(node) for node in nodes[:2])
 
         return self._run(wire, probe)
 

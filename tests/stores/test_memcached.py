@@ -691,3 +691,29 @@ def test_writers_that_disagree_on_a_healed_node_lose_no_update(memcached_fault_c
     assert len(acked) == 120 and reader.load(key).data == b"120" and writer.load(key).data == b"120"
     writer.close()
     reader.close()
+
+
+def test_a_session_deleted_around_a_frozen_node_stays_deleted_when_it_answers_again(
+        memcached_fault_cluster, steady_polls):
+    """The deletion leaves a gone copy on the next node, which wins over the copy left behind."""
+    cluster, clock = memcached_fault_cluster, FakeClock()
+    writer = MemcachedStore.from_url(cluster.url(), clock=clock)
+    reader = settled(MemcachedStore.from_url(cluster.url(), clock=clock))
+    node = cluster.ring[0]
+    key, other = (saved_with_primary_on(writer, cluster, node.port) for _ in range(2))
+    with unreachable(node):
+        record = writer.load(key)  # times out: node 0 is marked dead, and suspect on the other nodes
+        assert writer.delete(key)  # around node 0 (after the fence)
+        assert writer.delete(other, expect=writer.load(other).version)
+    assert memcached_peek(node.port, key) == (b"v1", PRIMARY)  # the copies left behind
+    assert memcached_peek(node.port, other) == (b"v1", PRIMARY)
+    poll_due(reader)
+    assert not reader._exists(key)
+    assert reader.load(key) is None and reader.load_and_touch(other, 600) is None
+    assert memcached_peek(node.port, key) is None and memcached_peek(node.port, other) is None
+    assert writer.load(key) is None  # the writer still skips node 0: the gone copy reads as nothing
+    assert not reader.save(key, b"stale", 600, expect=record.version).ok  # no resurrection
+    assert reader.save(key, b"again", 600, expect=None).ok  # a create takes the gone copy's place
+    assert reader.load(key).data == b"again" == writer.load(key).data
+    writer.close()
+    reader.close()
