@@ -21,6 +21,8 @@ line on stdout:
     or ``error`` (an exception: the write may or may not have landed);
 ``{"op": "read", "keys": [...]}``
     ``{"values": [...]}``, each key's value (None: missing);
+``{"op": "delete", "keys": [...]}``
+    ``{"deleted": [...]}``, whether each key was there;
 ``{"op": "state"}``
     ``{"failed": [...], "suspects": [...]}``: the nodes this process saw
     fail itself, and the ones it holds suspect now (seen fail by any client);
@@ -122,6 +124,8 @@ def _serve(store: MemcachedStore, failed: _FailedNodes) -> None:
         elif op == "read":
             records = [store.load(k) for k in command["keys"]]
             answer = {"values": [None if r is None else int(r.data) for r in records]}
+        elif op == "delete":
+            answer = {"deleted": [store.delete(k) for k in command["keys"]]}
         elif op == "state":
             answer = {"failed": sorted(failed.nodes), "suspects": sorted(getattr(store, "suspects", list)())}
         elif op == "quit":

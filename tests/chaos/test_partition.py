@@ -25,6 +25,9 @@ monotonic clock):
 * no acknowledged update lost: no two acknowledged saves of a session wrote
   the same value, and each final value is at least the highest acknowledged one
   and at most the acknowledged plus the in-doubt increments;
+* no deleted session came back: one more session of node 3, deleted by ``a``
+  half way through the partition, is missing for ``b`` right after the heal
+  and for a fresh process at the end;
 * the partition bit: ``a`` had saves of node 3's sessions acknowledged while the
   link was down, ``b`` read node 3's sessions within a second of the heal,
   ``b`` never saw node 3 fail, and held it suspect by the end of the partition.
@@ -53,7 +56,7 @@ from sessionstore.stores.memcached import MemcachedStore, _wire_key
 from tests.servers.netns import NetnsNode, NetnsRing, start_netns_ring
 
 ROOT = Path(__file__).resolve().parents[2]
-SESSIONS = {"primary": 6, "backup": 3, "clear": 3}  # node 3 holds their primary / backup copy / neither
+SESSIONS = {"primary": 6, "backup": 3, "clear": 3, "doomed": 1}  # node 3: primary / backup / neither / primary
 WARM, PARTITION, AFTER = 2.0, 10.0, 8.0
 ANSWER_TIMEOUT = 60.0
 
@@ -97,11 +100,11 @@ def placement(store: MemcachedStore, key: str) -> list[str]:
 def pick_sessions(url: str, cut: NetnsNode) -> dict[str, list[str]]:
     """Session keys by where node ``cut`` is in their preference list (see ``SESSIONS``)."""
     store, picked, n = MemcachedStore.from_url(url), defaultdict(list), 0
-    roles = {0: "primary", 1: "backup", 2: "clear"}
+    roles = {0: ("primary", "doomed"), 1: ("backup",), 2: ("clear",)}
     while any(len(picked[role]) < count for role, count in SESSIONS.items()):
         key, n = f"sessionstore:{{partition-{time.time_ns()}-{n}}}", n + 1
-        role = roles[placement(store, key).index(cut.name)]
-        if len(picked[role]) < SESSIONS[role]:
+        role = next((r for r in roles[placement(store, key).index(cut.name)] if len(picked[r]) < SESSIONS[r]), None)
+        if role is not None:
             picked[role].append(key)
     return dict(picked)
 
@@ -175,9 +178,11 @@ def test_a_healed_partition_rolls_nothing_back(netns_ring: NetnsRing, capsys) ->
     ring, cut = netns_ring, netns_ring.nodes[2]
     url = ring.url(retry_after=5)
     sessions = pick_sessions(url, cut)
+    doomed = sessions.pop("doomed")
     every = [key for keys in sessions.values() for key in keys]
     a, b = ClientProcess(ring, url, "a"), ClientProcess(ring, url, "b")
-    assert a.ask(op="create", keys=every)["ok"]
+    assert a.ask(op="create", keys=every + doomed)["ok"]
+    assert b.ask(op="read", keys=doomed)["values"] == [0]
     events: list[list] = []
 
     a.ask(op="start", keys=every)
@@ -187,12 +192,15 @@ def test_a_healed_partition_rolls_nothing_back(netns_ring: NetnsRing, capsys) ->
     b.ask(op="start", keys=sessions["clear"])
     down = time.monotonic()
     ring.partition(cut)
-    time.sleep(PARTITION)
+    time.sleep(PARTITION / 2)
+    assert a.ask(op="delete", keys=doomed)["deleted"] == [True]
+    time.sleep(PARTITION / 2)
     b_during = b.ask(op="state")
     events += tagged("b", b.ask(op="stop")["events"])
     ring.heal(cut)
     up = time.monotonic()
     b.ask(op="start", keys=every)
+    b_doomed = b.ask(op="read", keys=doomed)["values"]
     time.sleep(AFTER)
     events += tagged("a", a.ask(op="stop")["events"])
     events += tagged("b", b.ask(op="stop")["events"])
@@ -200,6 +208,7 @@ def test_a_healed_partition_rolls_nothing_back(netns_ring: NetnsRing, capsys) ->
 
     checker = ClientProcess(ring, url, "checker")  # a fresh process: reads as a newcomer would
     finals = dict(zip(every, checker.ask(op="read", keys=every)["values"]))
+    checker_doomed = checker.ask(op="read", keys=doomed)["values"]
     verdict = judge(events, finals)
     primary = set(sessions["primary"])
     window = [e for e in events if e[0] == "b" and e[1] in primary and e[2] > up]
@@ -216,6 +225,7 @@ def test_a_healed_partition_rolls_nothing_back(netns_ring: NetnsRing, capsys) ->
     assert cut.name not in b_during["failed"], f"b saw node 3 fail itself: {b_during}"
     assert not verdict.rollbacks, verdict.format()
     assert not verdict.lost, verdict.format()
+    assert b_doomed == checker_doomed == [None], "a session deleted during the partition came back"
     assert cut.name in b_during["suspects"], f"b did not learn from the ring that node 3 failed: {b_during}"
     reads = [e[7] for e in window if e[5] in ("ack", "conflict")]
     assert reads and statistics.median(reads) == 2, mean_costs(window)  # compared: both copies read
