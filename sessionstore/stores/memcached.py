@@ -539,6 +539,8 @@ class _Suspects:
     A node is suspect until its window (an absolute time of the injected clock,
     None: for ever) runs out. ``since`` is when this process learned of it, which
     times the fence. ``due`` says when the ring's records must be read again.
+    Shared by a store's views (``single_copy``), with the longest lifetime the
+    process gave a record (``note``, ``longest``: how long a gone copy lives).
     """
 
     def __init__(self, poll: float, fence: float, clock: Callable[[], float]) -> None:
