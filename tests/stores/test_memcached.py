@@ -122,10 +122,11 @@ class TestMemcachedContract(LockingContract, IndexContract, FeedContract):
 def test_from_url_reads_nodes_and_options():
     store = MemcachedStore.from_url(
         "memcached://10.0.0.1:11211,cache-b,[::1]:11300?failover=10.0.0.9:11211"
-        "&timeout=0.25&connect_timeout=0.1&retry_after=2&pool_size=4"
+        "&timeout=0.25&connect_timeout=0.1&retry_after=2&pool_size=4&suspect_poll=0.5"
     )
     assert [n.name for n in store._nodes] == ["10.0.0.1:11211", "cache-b:11211", "[::1]:11300", "10.0.0.9:11211"]
     assert store._retry_after == 2.0
+    assert (store._suspects.poll, store._suspects.fence) == (0.5, 2 * 0.5 + 0.1 + 0.25)
 
 
 @pytest.mark.parametrize(
@@ -145,6 +146,7 @@ def test_from_url_reads_nodes_and_options():
         "memcached://h:1?retry_after=-1",
         "memcached://h:1?pool_size=0",
         "memcached://h:1?pool_size=1.5",
+        "memcached://h:1?suspect_poll=0",
         "memcached://h:1?bogus=1",
         "memcached://h:1?timeout=1&timeout=2",
     ],
