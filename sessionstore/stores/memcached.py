@@ -981,11 +981,14 @@ class MemcachedStore:
         self, first: _Node, second: _Node, key: bytes, data: bytes, exptime: int, expect: Any
     ) -> tuple[_Node, Version, bool] | None:
         """The conditional write while ``first`` is suspect: on the next node first, where it is
-        checked, then on ``first`` (see "Partitions"). Both copies carry the primary flag."""
+        checked, then on ``first`` (see "Partitions"). Both copies carry the primary flag.
+
+        A version of the next node's copy (read while ``first`` was skipped, or missed it) is
+        checked there too: ``first`` may hold an older copy, so it is set, not added to.
+        """
         if isinstance(expect, Version) and expect.node == second.name:
-            self._fenced(first, exptime)
-            return self._commit_relocated(first, second, key, data, exptime, expect.cas, compared=True)
-        if expect is ANY or expect is None or expect is _OVER_GONE:
+            mode, cas = b"S", expect.cas
+        elif expect is ANY or expect is None or expect is _OVER_GONE:
             mode, cas = (b"S" if expect is ANY else b"E"), None
         elif isinstance(expect, Version) and expect.node == first.name and expect.next_cas is not None:
             mode, cas = (b"S", expect.next_cas) if expect.next_cas else (b"E", None)
@@ -996,20 +999,20 @@ class MemcachedStore:
         if next_cas is None:
             return None
         mode = b"E" if expect is None or expect is _OVER_GONE else b"S"
-        mine = self._write(first, key, data, exptime, _PRIMARY, mode, expect)
+        try:
+            mine = self._write(first, key, data, exptime, _PRIMARY, mode, expect)
+        except _NodeDown as down:  # written where it is checked: ``first`` is read against it later
+            self._mark_dead(first, down.for_seconds)
+            return second, Version(second.name, next_cas), True
         if mine is None:  # a create, and ``first`` holds the record: take the next node's copy back
             second.call(lambda w: w.meta_delete(key, next_cas))
             return None
         return first, Version(first.name, mine, next_cas), True
 
     def _commit_relocated(
-        self, primary: _Node, backup: _Node, key: bytes, data: bytes, exptime: int, expect: int,
-        compared: bool = False,
+        self, primary: _Node, backup: _Node, key: bytes, data: bytes, exptime: int, expect: int
     ) -> tuple[_Node, Version, bool] | None:
-        """Save a record read from the backup copy: CAS there, then ``add`` on the primary.
-
-        ``compared``: the primary is suspect, so the version names the backup copy too.
-        """
+        """Save a record read from the backup copy: CAS there, then ``add`` on the primary."""
         backup_cas = self._put(backup, key, data, exptime, _BACKUP, b"S", expect)
         if backup_cas is None:
             return None
@@ -1017,7 +1020,7 @@ class MemcachedStore:
         if cas is None:  # someone saved the primary meanwhile: take our backup copy back
             backup.call(lambda w: w.meta_delete(key, backup_cas))
             return None
-        return primary, Version(primary.name, cas, backup_cas if compared else None), True
+        return primary, Version(primary.name, cas), True
 
     def _write_backup(self, key: bytes, primary: _Node, data: bytes, exptime: int) -> None:
         """Set the backup copy on the next live node after ``primary``, if there is one."""

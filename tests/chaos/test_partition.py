@@ -121,11 +121,12 @@ class Verdict:
     def format(self) -> str:
         lines = [f"{self.acked} acknowledged increments, {self.in_doubt} in doubt;"
                  f" {len(self.rollbacks)} rolled-back reads, {len(self.lost)} lost updates"]
-        return "\n".join(lines + self.rollbacks[:20] + self.lost[:20])
+        return "\n".join(lines + self.rollbacks[:5] + self.lost[:20])
 
 
-def judge(events: list[list], finals: dict[str, int | None]) -> Verdict:
-    """Rollbacks and lost updates in ``events`` (``[client, key, read at, value, done, outcome, written]``)."""
+def judge(events: list[list], finals: dict[str, int | None], origin: float = 0.0) -> Verdict:
+    """Rollbacks and lost updates in ``events`` (``[client, key, read at, value, done, outcome, written]``);
+    times in the messages are seconds from ``origin``, each rollback followed by its key's events near it."""
     acks: dict[str, list[tuple[float, int]]] = defaultdict(list)
     doubt = Counter()
     for client, key, _, _, done, outcome, written, *_ in events:
@@ -147,7 +148,10 @@ def judge(events: list[list], finals: dict[str, int | None]) -> Verdict:
         times, running = best.get(key, ([], []))
         i = bisect.bisect_left(times, started)
         if value is not None and i and value < running[i - 1]:
-            rollbacks.append(f"{client} read {value} of {key} at {started:.3f}: {running[i - 1]} was acknowledged")
+            near = [f"\n    {e[0]} {e[2] - origin:+.3f}..{e[4] - origin:+.3f}s read {e[3]}, {e[5]} {e[6]}"
+                    for e in sorted(events, key=lambda e: e[2]) if e[1] == key and abs(e[2] - started) < 0.3]
+            rollbacks.append(f"{client} read {value} of {key} at {started - origin:+.3f}s: "
+                             f"{running[i - 1]} was acknowledged" + "".join(near))
     for key, final in finals.items():
         written = [w for _, w in acks.get(key, [])]
         for value, times in Counter(written).items():
@@ -209,7 +213,7 @@ def test_a_healed_partition_rolls_nothing_back(netns_ring: NetnsRing, capsys) ->
     checker = ClientProcess(ring, url, "checker")  # a fresh process: reads as a newcomer would
     finals = dict(zip(every, checker.ask(op="read", keys=every)["values"]))
     checker_doomed = checker.ask(op="read", keys=doomed)["values"]
-    verdict = judge(events, finals)
+    verdict = judge(events, finals, origin=up)
     primary = set(sessions["primary"])
     window = [e for e in events if e[0] == "b" and e[1] in primary and e[2] > up]
     outside = [e for e in events if e[2] < down]

@@ -592,10 +592,26 @@ def unreachable(server):
     partition. It answers again (SIGCONT) when the block ends."""
     os.kill(server.pid, signal.SIGSTOP)
     try:
+        wait_stopped(server.pid)
         yield
     finally:
         os.kill(server.pid, signal.SIGCONT)
         time.sleep(0.2)  # it runs the commands that timed out meanwhile (they count)
+
+
+def wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Until every thread of ``pid`` is stopped (a thread busy on another core stops a moment later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                states.append(stat.read().rpartition(")")[2].split()[0])
+        if all(state in ("T", "t") for state in states):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"process {pid} did not stop: thread states {states}")
+        time.sleep(0.01)
 
 
 def poll_due(store: MemcachedStore) -> MemcachedStore:
@@ -691,6 +707,24 @@ def test_writers_that_disagree_on_a_healed_node_lose_no_update(memcached_fault_c
         thread.join()
     assert writer.suspects() == reader.suspects() == [f"127.0.0.1:{cluster.ring[0].port}"]
     assert len(acked) == 120 and reader.load(key).data == b"120" and writer.load(key).data == b"120"
+    writer.close()
+    reader.close()
+
+
+def test_a_version_read_around_a_node_is_checked_where_it_was_read_when_the_node_is_back(
+        memcached_fault_cluster, steady_polls):
+    """A writer read the next node's copy while it skipped node 0; when node 0 answers again
+    (suspect, holding an older copy) the save is checked on the copy read, and node 0 follows:
+    not an ``add`` there, whose failure would take the newer copy back and leave the older one."""
+    cluster, clock = memcached_fault_cluster, FakeClock()
+    writer, reader, key = partitioned_write(cluster, clock)
+    record = writer.load(key)  # still around node 0
+    assert record.data == b"v2" and record.version.node != f"127.0.0.1:{cluster.ring[0].port}"
+    clock.now += 5  # the writer's retry is due: node 0 is back in its ring, suspect
+    spent, result = counted(cluster, lambda: writer.save(key, b"v3", 600, expect=record.version))
+    assert result.ok and spent == 2
+    assert memcached_peek(cluster.ring[0].port, key) == (b"v3", PRIMARY)
+    assert writer.load(key).data == b"v3" == poll_due(reader).load(key).data
     writer.close()
     reader.close()
 
