@@ -41,7 +41,8 @@ Copies and versions
     then ``add`` on the primary (the primary held nothing when the record was
     read; every other writer writes the primary first, so a failed ``add``
     means someone saved meanwhile, and the backup copy just written is taken
-    back with a CAS-conditional delete). A version naming a node that is no
+    back with a CAS-conditional delete; while the primary is suspect its copy
+    is set instead, see "Partitions"). A version naming a node that is no
     longer first or second in the live list (the ring changed between load
     and save) fails with ``current``; the caller merges as for any conflict.
 
@@ -93,8 +94,11 @@ Partitions: suspect nodes
     skipped, or by a save in the window); the winner is written over the
     older copy (``ms`` CAS-checked on the copy read: the repair), and the
     record's version carries both CAS values. A save in the window goes to the
-    next node first, checked there (``ms`` with ``next_cas``, or ``add``),
-    then sets the suspect node's copy, both with the primary flag. Writers
+    next node first, checked there (``ms`` with ``next_cas``, or ``add``; a
+    version of that copy itself, read while the node was skipped or missed
+    the key, with its own CAS), then sets the suspect node's copy, both with
+    the primary flag; if only the first write lands, the save returns the
+    version of that copy. Writers
     that still skip the node (their retry is not due yet) compare-and-swap
     the same copy, so every acknowledged write of the key in the window was
     checked on one copy, whoever wrote it. A version read before the process
