@@ -1,6 +1,6 @@
 """Memcached store: a consistent-hash ring of nodes, each session on two of them.
 
-URL: ``memcached://h1:p1,h2:p2?failover=h3:p3&timeout=0.5&connect_timeout=0.5&retry_after=5&pool_size=32&rejoin_after=10``.
+URL: ``memcached://h1:p1,h2:p2?failover=h3:p3&timeout=0.5&connect_timeout=0.5&retry_after=5&pool_size=32&rejoin_after=10&suspect_poll=1``.
 
 Placement
     The primary nodes form a ring of 160 md5 points per node (ketama style,
@@ -20,7 +20,9 @@ Copies and versions
     backup). The version token is :class:`Version` ``(node, cas)``: the node
     the record was read from and that copy's CAS unique. Memcached 1.6.18 has
     no way to give two nodes the same CAS (meta ``E`` arrived later), so the
-    token names the copy it belongs to and a save checks it on that copy.
+    token names the copy it belongs to and a save checks it on that copy
+    (while that node is suspect the token also carries the next node's CAS,
+    ``next_cas``, which is checked first: see "Partitions").
 
     ``load`` is ``gets`` and ``load_and_touch`` is ``gats`` on the primary
     node: one command. On a miss there the backup node is asked too (an
@@ -39,7 +41,8 @@ Copies and versions
     then ``add`` on the primary (the primary held nothing when the record was
     read; every other writer writes the primary first, so a failed ``add``
     means someone saved meanwhile, and the backup copy just written is taken
-    back with a CAS-conditional delete). A version naming a node that is no
+    back with a CAS-conditional delete; while the primary is suspect its copy
+    is set instead, see "Partitions"). A version naming a node that is no
     longer first or second in the live list (the ring changed between load
     and save) fails with ``current``; the caller merges as for any conflict.
 
@@ -62,16 +65,94 @@ Node restarts, stale copies, known limits
       cost target is one command); ``save`` and ``touch`` refresh both. A
       session that is only read for longer than its TTL has no backup left.
     * A node that was unreachable but kept its data (a partition, not a
-      restart) serves its older copies again when it is retried. Restart
-      (flush) such a node before it rejoins. Processes that disagree on which
-      nodes are alive can write different pairs; both sides stay CAS-checked
-      only against their own copies.
+      restart) holds older copies when it answers again: see "Partitions".
     * ``delete`` removes the key from the first three live nodes (primary,
       backup, and where the backup lived before a single failover), so an
       invalidated session does not come back from an old backup copy when a
       node fails later. A conditional delete checks the version on its copy
       first; in the moment between that and the other deletes a reader sees
       the session as relocated.
+
+Partitions: suspect nodes
+    A ring node that any client saw fail (a timeout or connection error, or
+    a restart seen by ``rejoin_after``) is *suspect* when it answers again:
+    while it was out, writes went around it to the next node, and it may
+    answer with copies older than theirs. The client that marks it dead
+    merges ``{node: window end}`` into the record of suspect nodes that each
+    ring node keeps (``sessionstore:ring:suspects``, JSON, read-modify-write
+    with CAS), on every ring node but that one. Every process reads the
+    record of the first two live ring nodes (by name: two, as a node's own
+    record lacks its entry) at the start of an operation once
+    ``suspect_poll`` seconds (1) have passed since its last poll. So a
+    process learns of a suspicion it did not see itself within about a
+    second, whether or not it talked to the node meanwhile.
+
+    While the first live node of a key is suspect, the next node's copy
+    decides: a read asks both (the suspect node's ``gets``/``gats``, then
+    ``mg`` on the next node), and the next node's copy wins when it carries
+    the primary flag and differs (it was written while the first node was
+    skipped, or by a save in the window); the winner is written over the
+    older copy (``ms`` CAS-checked on the copy read: the repair), and the
+    record's version carries both CAS values. A save in the window goes to the
+    next node first, checked there (``ms`` with ``next_cas``, or ``add``; a
+    version of that copy itself, read while the node was skipped or missed
+    the key, with its own CAS), then sets the suspect node's copy, both with
+    the primary flag; if only the first write lands, the save returns the
+    version of that copy. Writers
+    that still skip the node (their retry is not due yet) compare-and-swap
+    the same copy, so every acknowledged write of the key in the window was
+    checked on one copy, whoever wrote it. A version read before the process
+    knew of the suspicion is refused (``current`` is read compared). ``touch``
+    slides both copies.
+
+    A delete that goes around a dead node cannot remove the copy there, so
+    it leaves a *gone copy* (client flags 3, no data) in place of the first
+    live node's copy (one ``mg`` more, for how long the copy had left): reads
+    take it for no record, and it wins over a suspect node's differing copy,
+    which the compared read then deletes. It lives, and keeps the node
+    suspect, as long as the copies left behind may: the longest TTL the
+    process has used (with tombstones, the idle timeout + 1 day), or that
+    copy's own if longer, + 60 s. A create that finds one (its ``add`` fails
+    and nothing can be read) takes its place with a CAS.
+
+    The window lasts as long as a copy it must outdo can live: at first
+    ``retry_after`` + fence + 60 s, and every write that goes around the
+    node, and every write or touch of its copies in the window, extends it
+    to that TTL + 60 s (published again only once half a TTL more is
+    needed): with tombstones, which outlive sessions by a day, windows last
+    about a day. The *fence*: a process writes around a dead node, or through the
+    next node's copy, only ``fence`` = 2 x ``suspect_poll`` +
+    ``connect_timeout`` + ``timeout`` seconds (3 s) after it learned that the
+    node is suspect (it waits, once per suspicion). By then every process
+    polling the ring compares: no copy goes stale while someone still reads
+    it alone, and no save still writes the suspect node's copy first. So a
+    partition of any length is covered, not only long ones; the price is a
+    wait of up to 3 s for the first writes of the node's sessions.
+
+    Limits: a process stalled for longer than the fence minus a poll can
+    still read one stale copy; the record may be lost with its node or
+    evicted (the other nodes still hold it); a second failure within a window
+    (the suspect node holding a dead node's backup copies; the failover ring
+    in use) is not compared; sessions without TTL keep their node suspect for
+    ever (2 commands per read of its keys); ``touch`` counts a gone copy as
+    a record.
+
+Costs (commands)
+    ============================  =====================  =================================
+    operation                     normally               first live node suspect
+    ============================  =====================  =================================
+    ``load``, ``load_and_touch``  1 (2 on a miss)        2; 3 when its copy is repaired
+    ``save``                      2 (``copies=1``: 1)    2 (``copies=1`` too)
+    ``save`` of a relocated copy  2 (CAS, ``add``)       2
+    ``touch``                     2 (``copies=1``: 1)    2
+    ============================  =====================  =================================
+
+    Besides: the poll, 2 ``get`` per process once per ``suspect_poll``
+    seconds while the store is in use; a process that sees a node fail
+    merges its entry into each other ring node's record (``gets`` + ``ms``:
+    2 per node), unless it knew of the suspicion already, and so does one
+    that extends a window (about once per half TTL); the first write of a
+    suspect node's sessions in a process waits out the fence (up to 3 s).
 
 Locks
     ``companion_key(key, "lock")`` lives on the session's primary node only,
@@ -141,8 +222,8 @@ from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-from pymemcache.client.base import Client
-from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
+from pymemcache.client.base import Client, _readline, _readvalue
+from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError, MemcacheUnknownError
 
 from ..decoding import epoch, field, json_document
 from ..errors import ConfigError, CorruptPayload, StoreError, StoreUnavailable
@@ -154,9 +235,14 @@ log = logging.getLogger("sessionstore.memcached")
 
 T = TypeVar("T")
 
-#: Client flags marking which copy an item is.
+#: Client flags marking which copy an item is; a gone copy marks a deletion that went around a
+#: dead node, so that the older copy left there loses to it when the node answers again.
 _PRIMARY = 1
 _BACKUP = 2
+_GONE = 3
+#: ``expect`` of a create that may take a gone copy's place: ``save`` retries with it a create
+#: that failed where nothing can be read (a create finds nothing else to do in the common case).
+_OVER_GONE = object()
 #: Memcached reads larger expiry values as an absolute unix time.
 _MAX_RELATIVE_TTL = 30 * 24 * 3600
 _KEY = re.compile(r"[\x21-\x7e]{1,250}")
@@ -180,13 +266,24 @@ _FEED_EPOCH = 10**6
 _FEED_RECORD_WAIT = 2.0
 #: At most this many feed records are read per poll (older ones count as lost).
 _FEED_MAX_BATCH = 1000
+#: The ring's record of suspect nodes, ``{node name: suspect until or null}``, on every ring node.
+_SUSPECTS_KEY = b"sessionstore:ring:suspects"
+#: A node seen failing is suspect at least this long (and then as long as writes go around it).
+_SUSPECT_AT_LEAST = 60.0
+#: A suspect window outlasts the copies it covers by this much (clocks of hosts differ a little).
+_COVER_MARGIN = 60.0
 
 
 class Version(NamedTuple):
-    """Version token: the node a copy was read from and that copy's CAS unique."""
+    """Version token: the node a copy was read from and that copy's CAS unique.
+
+    ``next_cas``: when that node was suspect at the read, the CAS of the copy
+    on the next node (0: it had none), which a save checks first; else None.
+    """
 
     node: str
     cas: int
+    next_cas: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +291,8 @@ class _Item:
     data: bytes
     flags: int
     cas: int
+    #: seconds left (-1: never expires), when read with a meta get; else None
+    ttl: int | None = None
 
 
 def _wire_key(key: Any) -> bytes:
@@ -256,6 +355,37 @@ class _Wire(Client):
         (data, flags), cas = found[key]
         return _Item(data, flags, int(cas))
 
+    def meta_fetch(self, key: bytes, exptime: int | None) -> _Item | None:
+        """``mg key v f c t`` (``T<exptime>``: touched too): the item with the seconds it has left."""
+        command = b"mg %s v f c t" % key + (b"" if exptime is None else b" T%d" % exptime)
+        if self.sock is None:
+            self._connect()
+        try:
+            self.sock.sendall(command + b"\r\n")
+            buf, line = _readline(self.sock, b"")
+            if line == b"EN":
+                return None
+            self._raise_errors(line, b"mg")
+            head = line.split()
+            if head[0] != b"VA":
+                raise MemcacheUnknownError(line[:32])
+            _, data = _readvalue(self.sock, buf, int(head[1]))
+        except Exception:
+            self.close()  # never leave the connection mid-response
+            raise
+        fields = {part[:1]: int(part[1:]) for part in head[2:]}
+        return _Item(data, fields[b"f"], fields[b"c"], fields[b"t"])
+
+    def meta_head(self, key: bytes) -> _Item | None:
+        """``mg key f c t``: the item's flags, CAS and seconds left, without its value."""
+        line = self.raw_command(b"mg %s f c t" % key)
+        if line == b"EN":
+            return None
+        if not line.startswith(b"HD"):
+            raise MemcacheUnknownError(line[:32])
+        fields = {part[:1]: int(part[1:]) for part in line.split()[1:]}
+        return _Item(b"", fields[b"f"], fields[b"c"], fields[b"t"])
+
     def meta_set(
         self, key: bytes, data: bytes, exptime: int, flags: int, mode: bytes, cas: int | None
     ) -> int | None:
@@ -291,6 +421,7 @@ class _Options:
     retry_after: float = 5.0
     pool_size: int = 32
     rejoin_after: float = 10.0
+    suspect_poll: float = 1.0
 
 
 class _Node:
@@ -409,6 +540,88 @@ class _Ring:
                     return
 
 
+class _Suspects:
+    """The ring nodes some client saw fail, as this process knows them (see "Partitions").
+
+    A node is suspect until its window (an absolute time of the injected clock,
+    None: for ever) runs out. ``since`` is when this process learned of it, which
+    times the fence. ``due`` says when the ring's records must be read again.
+    Shared by a store's views (``single_copy``), with the longest lifetime the
+    process gave a record (``note``, ``longest``: how long a gone copy lives).
+    """
+
+    def __init__(self, poll: float, fence: float, clock: Callable[[], float]) -> None:
+        self.poll, self.fence = poll, fence
+        self.polling = threading.Lock()
+        self._clock = clock
+        self._until: dict[str, float | None] = {}
+        self._since: dict[str, float] = {}
+        self._polled = -math.inf
+        self._guard = threading.Lock()
+        self._longest: float | None = 0.0
+        self._noted = False
+
+    def due(self) -> bool:
+        return time.monotonic() - self._polled >= self.poll
+
+    def polled(self, started: float) -> None:
+        """The records were read by a poll that started at ``started`` (monotonic)."""
+        self._polled = started
+
+    def holds(self, name: str) -> bool:
+        """Whether ``name`` is suspect now."""
+        return bool(self._until) and self._window(name, self._clock()) is not False
+
+    def covers(self, name: str, until: float | None) -> bool:
+        """Whether ``name`` is known suspect until ``until`` (None: for ever) at least."""
+        window = self._window(name, self._clock())
+        return window is None or (window is not False and until is not None and window >= until)
+
+    def learn(self, entries: dict[str, float | None]) -> None:
+        """Merge ``{name: until}`` into what this process knows (the later window wins)."""
+        now = self._clock()
+        with self._guard:
+            for name, until in entries.items():
+                if until is not None and until <= now:
+                    continue
+                window = self._window(name, now)
+                if window is False:
+                    self._since[name] = time.monotonic()
+                    self._until[name] = until
+                else:
+                    self._until[name] = _later(window, until)
+
+    def note(self, exptime: int) -> None:
+        """A record was written or touched with ``exptime``: remembered for :meth:`longest`."""
+        lifetime = _lifetime(exptime)
+        if not self._noted:
+            self._longest, self._noted = lifetime, True
+        elif self._longest is not None:
+            self._longest = None if lifetime is None else max(self._longest, lifetime)
+
+    def longest(self, ttl: int | None) -> float | None:
+        """The longest lifetime noted, or ``ttl`` seconds (-1: for ever) if longer; None: for ever.
+        Nothing noted yet: the longest relative TTL memcached takes (30 days)."""
+        known = self._longest if self._noted else float(_MAX_RELATIVE_TTL)
+        if ttl is not None and ttl < 0 or known is None:
+            return None
+        return max(known, float(ttl or 0))
+
+    def fence_left(self, name: str) -> float:
+        """Seconds until every process polling the ring has surely learned that ``name`` is suspect."""
+        return self._since.get(name, -math.inf) + self.fence - time.monotonic()
+
+    def names(self) -> list[str]:
+        return sorted(name for name in list(self._until) if self.holds(name))
+
+    def _window(self, name: str, now: float) -> float | None | bool:
+        """``name``'s window end (None: for ever), or False if it is not suspect at ``now``."""
+        if name not in self._until:
+            return False
+        until = self._until[name]
+        return until if until is None or until > now else False
+
+
 # -- URL ---------------------------------------------------------------------
 
 
@@ -433,6 +646,7 @@ _OPTION_PARSERS: dict[str, tuple[Callable[[str], Any], Callable[[Any], bool], st
     "retry_after": (float, lambda v: v >= 0, "a number >= 0"),
     "pool_size": (int, lambda v: v >= 1, "an integer >= 1"),
     "rejoin_after": (float, lambda v: v >= 0, "a number >= 0"),
+    "suspect_poll": (float, lambda v: v > 0, "a number > 0"),
 }
 
 
@@ -469,6 +683,7 @@ class MemcachedStore:
         connect_timeout: float = 0.5,
         retry_after: float = 5.0,
         rejoin_after: float = 10.0,
+        suspect_poll: float = 1.0,
         pool_size: int = 32,
         copies: int = 2,
         clock: Callable[[], float] = time.time,
@@ -476,7 +691,7 @@ class MemcachedStore:
         if copies not in (1, 2):
             raise ConfigError("store", f"memcached copies must be 1 or 2, got {copies!r}")
         self._copies = copies
-        options = _Options(timeout, connect_timeout, retry_after, pool_size, rejoin_after)
+        options = _Options(timeout, connect_timeout, retry_after, pool_size, rejoin_after, suspect_poll)
         primaries = [_Node(_node_name(h, p), (h, p), options) for h, p in servers]
         standby = [_Node(_node_name(h, p), (h, p), options) for h, p in failover]
         names = [node.name for node in primaries + standby]
@@ -486,8 +701,14 @@ class MemcachedStore:
             raise ConfigError("store", f"memcached servers listed twice: {names}")
         self._nodes = primaries + standby
         self._rings = [_Ring(primaries)] + ([_Ring(standby)] if standby else [])
+        self._primaries = frozenset(primaries)
+        self._poll_order = sorted(primaries, key=lambda node: node.name) if len(primaries) > 1 else []
         self._retry_after = retry_after
         self._clock = clock
+        # the fence: one poll interval for every process to poll, one more for a slow poll, and
+        # one command's timeouts for an operation that started just before its process learned
+        fence = 2 * suspect_poll + connect_timeout + timeout
+        self._suspects = _Suspects(suspect_poll, fence, clock)
 
     @classmethod
     def from_url(cls, url: str, *, clock: Callable[[], float] = time.time) -> "MemcachedStore":
@@ -518,8 +739,11 @@ class MemcachedStore:
                 return nodes
         return []
 
-    def _mark_dead(self, node: _Node, for_seconds: float | None = None) -> None:
-        """Skip ``node`` for ``retry_after`` seconds (or ``for_seconds``: a node back too recently)."""
+    def _mark_dead(self, node: _Node, for_seconds: float | None = None, publish: bool = True) -> None:
+        """Skip ``node`` for ``retry_after`` seconds (or ``for_seconds``: a node back too recently).
+
+        A ring node becomes suspect, and (``publish``) the other ring nodes are told.
+        """
         now = self._clock()
         pause = self._retry_after if for_seconds is None else for_seconds
         if node.alive(now):
@@ -527,9 +751,114 @@ class MemcachedStore:
             log.warning("memcached %s %s; skipped for %.1fs", node.name, why, pause)
         node.dead_until = now + pause
         node.close()
+        until = self._first_window(now, pause)
+        if node in self._primaries and not self._suspects.covers(node.name, until):
+            self._suspects.learn({node.name: until})
+            if publish:
+                self._publish({node.name: until})
+
+    def _first_window(self, now: float, pause: float) -> float:
+        """How long a node seen failing at ``now`` and skipped for ``pause`` is suspect at first."""
+        return now + pause + self._suspects.fence + _SUSPECT_AT_LEAST
+
+    # -- suspect nodes -------------------------------------------------------
+
+    def suspects(self) -> list[str]:
+        """Names of the ring nodes held suspect now (some client saw them fail; see the module docs)."""
+        return self._suspects.names()
+
+    def _poll_suspects(self) -> None:
+        """Read the ring's record of suspect nodes (first two live ring nodes by name), if it is time."""
+        if not self._poll_order or not self._suspects.due():
+            return
+        with self._suspects.polling:
+            if not self._suspects.due():
+                return  # another thread polled meanwhile
+            started, read = time.monotonic(), 0
+            for node in self._poll_order:
+                if read == 2:
+                    break
+                if not node.alive(self._clock()):
+                    continue
+                try:
+                    item = node.call(lambda w: w.fetch(_SUSPECTS_KEY, None))
+                except _NodeDown as down:
+                    self._mark_dead(node, down.for_seconds)
+                    continue
+                self._suspects.learn(_read_suspects(None if item is None else item.data))
+                read += 1
+            self._suspects.polled(started)
+
+    def _publish(self, entries: dict[str, float | None]) -> None:
+        """Merge ``entries`` into the record on every live ring node they do not name.
+
+        A node that fails meanwhile is marked dead, and its own entry published in turn.
+        """
+        failed: dict[str, float | None] = {}
+        for node in self._poll_order:
+            if node.name in entries or not node.alive(self._clock()):
+                continue
+            try:
+                self._merge_suspects(node, entries)
+            except _NodeDown as down:
+                self._mark_dead(node, down.for_seconds, publish=False)
+                failed[node.name] = self._first_window(self._clock(), down.for_seconds or self._retry_after)
+        if failed:
+            self._publish(failed)
+
+    def _merge_suspects(self, node: _Node, entries: dict[str, float | None]) -> None:
+        """Read-modify-write of ``node``'s record (CAS-checked), keeping the later window of each node."""
+        for _ in range(_CAS_ROUNDS):
+            item = node.call(lambda w: w.fetch(_SUSPECTS_KEY, None))
+            old = _read_suspects(None if item is None else item.data)
+            merged = _merge_windows(old, entries, self._clock())
+            if merged == old:
+                return
+            data, exptime = _write_suspects(merged), _exptime(_longest(merged.values(), self._clock()))
+            mode, cas = (b"E", None) if item is None else (b"S", item.cas)
+            if node.call(lambda w: w.meta_set(_SUSPECTS_KEY, data, exptime, 0, mode, cas)) is not None:
+                return
+        raise StoreError(f"memcached {node.name}: the record of suspect nodes kept changing")
+
+    def _compares(self, nodes: list[_Node]) -> bool:
+        """Whether reads and writes of these live nodes' key go through the next node's copy."""
+        return len(nodes) > 1 and self._suspects.holds(nodes[0].name)
+
+    def _cover(self, node: _Node, exptime: int) -> None:
+        """Keep ``node`` suspect at least as long as a copy on it given ``exptime`` may live."""
+        lifetime = _lifetime(exptime)
+        if lifetime is not None and lifetime <= 0:
+            return
+        needed = None if lifetime is None else self._clock() + lifetime + _COVER_MARGIN
+        if not self._suspects.covers(node.name, needed):
+            # half a lifetime more: the next write with this TTL needs no publishing for a while
+            extended = None if needed is None else needed + lifetime / 2
+            self._suspects.learn({node.name: extended})
+            self._publish({node.name: extended})
+
+    def _skipped(self, key: bytes, first: _Node) -> list[_Node]:
+        """The ring nodes before ``first`` in ``key``'s preference list (dead: a write goes around them)."""
+        around = []
+        for node in self._rings[0].walk(key):
+            if node is first:
+                return around
+            around.append(node)
+        return []  # a failover node: the ring is down, and nobody can be told (a known limit)
+
+    def _fenced(self, node: _Node, exptime: int) -> None:
+        """Before a write that goes around suspect ``node`` or through the next node's copy: keep
+        ``node`` suspect as long as the copy the write leaves there may live, and wait out the fence
+        (until every process polling the ring compares, no copy on ``node`` may go stale)."""
+        self._cover(node, exptime)
+        wait = self._suspects.fence_left(node.name)
+        if wait > 0:
+            log.info("memcached: writes around %s wait %.1fs, until every client knows it is suspect",
+                     node.name, wait)
+            time.sleep(wait)
 
     def _run(self, key: bytes, op: Callable[[list[_Node]], T]) -> T:
         """``op(live nodes of key)``, again on the new live list after a node fails."""
+        self._poll_suspects()
         for _ in range(len(self._nodes) + 1):
             nodes = self._live(key)
             if not nodes:
@@ -568,47 +897,128 @@ class MemcachedStore:
     def load_and_touch(self, key: str, ttl: int | None) -> Record | None:
         """``gats`` on the primary node (and the backup node on a miss)."""
         wire, exptime = _wire_key(key), _exptime(ttl)
+        self._suspects.note(exptime)
         return self._run(wire, lambda nodes: self._read(nodes, wire, exptime))
 
     def _read(self, nodes: list[_Node], key: bytes, exptime: int | None) -> Record | None:
+        if self._compares(nodes):
+            return self._read_compared(nodes[0], nodes[1], key, exptime)
         for position, node in enumerate(nodes[:2]):
             item = node.call(lambda w: w.fetch(key, exptime))
+            if item is not None and item.flags == _GONE:
+                return None
             if item is not None:
                 relocated = position > 0 or item.flags == _BACKUP
                 return Record(item.data, Version(node.name, item.cas), relocated)
         return None
+
+    def _read_compared(self, first: _Node, second: _Node, key: bytes, exptime: int | None) -> Record | None:
+        """Read a suspect node's copy and the next node's; the next one's wins if it is newer."""
+        if exptime is not None:
+            self._cover(first, exptime)
+        mine = first.call(lambda w: w.fetch(key, exptime))
+        theirs = second.call(lambda w: w.meta_fetch(key, exptime if mine is None else None))
+        if mine is None:
+            if theirs is None or theirs.flags == _GONE:
+                return None
+            return Record(theirs.data, Version(second.name, theirs.cas), True)
+        newer = theirs is not None and theirs.flags in (_PRIMARY, _GONE) and (
+            theirs.flags, theirs.data) != (mine.flags, mine.data)
+        if newer and theirs.flags == _GONE:  # deleted while ``first`` was skipped: so is its copy
+            first.call(lambda w: w.meta_delete(key, mine.cas))
+            return None
+        if newer:
+            return self._repair(first, key, mine, theirs, exptime)
+        if mine.flags == _GONE:
+            return None
+        next_cas = 0 if theirs is None else theirs.cas
+        return Record(mine.data, Version(first.name, mine.cas, next_cas), mine.flags == _BACKUP)
+
+    def _repair(self, first: _Node, key: bytes, stale: _Item, newer: _Item, exptime: int | None) -> Record:
+        """Write the next node's newer copy over ``first``'s, if that is still the one read.
+
+        If it is not, the record is returned ``relocated`` (the caller saves it again).
+        """
+        if exptime is None:
+            exptime = 0 if newer.ttl is None or newer.ttl < 0 else _exptime(newer.ttl)
+        self._cover(first, exptime)
+        cas = self._put(first, key, newer.data, exptime, _PRIMARY, b"S", stale.cas)
+        log.info("memcached: %s held an older copy; %s", first.name, "repaired" if cas else "repair lost a race")
+        return Record(newer.data, Version(first.name, stale.cas if cas is None else cas, newer.cas), cas is None)
 
     # -- writes --------------------------------------------------------------
 
     def save(self, key: str, data: bytes, ttl: int | None, expect: Any = ANY) -> SaveResult:
         """Write the primary copy (conditionally on ``expect``), then the backup copy."""
         wire, data, exptime = _wire_key(key), bytes(data), _exptime(ttl)
+        self._suspects.note(exptime)
         written = self._run(wire, lambda nodes: self._commit(nodes, wire, data, exptime, expect))
         if written is None:
-            return SaveResult(False, current=self.load(key))
-        primary, cas, backed_up = written
+            current = self.load(key)
+            if current is not None or expect is not None:
+                return SaveResult(False, current=current)
+            written = self._run(wire, lambda nodes: self._commit(nodes, wire, data, exptime, _OVER_GONE))
+            if written is None:
+                return SaveResult(False, current=self.load(key))
+        primary, version, backed_up = written
         if not backed_up and self._copies == 2:
             self._write_backup(wire, primary, data, exptime)
-        return SaveResult(True, version=Version(primary.name, cas))
+        return SaveResult(True, version=version)
 
     def _commit(
         self, nodes: list[_Node], key: bytes, data: bytes, exptime: int, expect: Any
-    ) -> tuple[_Node, int, bool] | None:
-        """The conditional write. Returns (primary node, new CAS, backup written) or None."""
+    ) -> tuple[_Node, Version, bool] | None:
+        """The conditional write. Returns (primary node, new version, backup written) or None."""
         primary = nodes[0]
-        if expect is ANY or expect is None:
-            cas = self._put(primary, key, data, exptime, _PRIMARY, b"S" if expect is ANY else b"E")
+        for node in self._skipped(key, primary):
+            self._fenced(node, exptime)
+        if self._compares(nodes):
+            return self._commit_compared(primary, nodes[1], key, data, exptime, expect)
+        if expect is ANY or expect is None or expect is _OVER_GONE:
+            cas = self._write(primary, key, data, exptime, _PRIMARY, b"S" if expect is ANY else b"E", expect)
         elif isinstance(expect, Version) and expect.node == primary.name:
             cas = self._put(primary, key, data, exptime, _PRIMARY, b"S", expect.cas)
         elif isinstance(expect, Version) and len(nodes) > 1 and expect.node == nodes[1].name:
             return self._commit_relocated(primary, nodes[1], key, data, exptime, expect.cas)
         else:
             return None
-        return None if cas is None else (primary, cas, False)
+        return None if cas is None else (primary, Version(primary.name, cas), False)
+
+    def _commit_compared(
+        self, first: _Node, second: _Node, key: bytes, data: bytes, exptime: int, expect: Any
+    ) -> tuple[_Node, Version, bool] | None:
+        """The conditional write while ``first`` is suspect: on the next node first, where it is
+        checked, then on ``first`` (see "Partitions"). Both copies carry the primary flag.
+
+        A version of the next node's copy (read while ``first`` was skipped, or missed it) is
+        checked there too: ``first`` may hold an older copy, so it is set, not added to.
+        """
+        if isinstance(expect, Version) and expect.node == second.name:
+            mode, cas = b"S", expect.cas
+        elif expect is ANY or expect is None or expect is _OVER_GONE:
+            mode, cas = (b"S" if expect is ANY else b"E"), None
+        elif isinstance(expect, Version) and expect.node == first.name and expect.next_cas is not None:
+            mode, cas = (b"S", expect.next_cas) if expect.next_cas else (b"E", None)
+        else:
+            return None  # read before this process knew ``first`` was suspect: read again, compared
+        self._fenced(first, exptime)
+        next_cas = self._write(second, key, data, exptime, _PRIMARY, mode, expect, cas)
+        if next_cas is None:
+            return None
+        mode = b"E" if expect is None or expect is _OVER_GONE else b"S"
+        try:
+            mine = self._write(first, key, data, exptime, _PRIMARY, mode, expect)
+        except _NodeDown as down:  # written where it is checked: ``first`` is read against it later
+            self._mark_dead(first, down.for_seconds)
+            return second, Version(second.name, next_cas), True
+        if mine is None:  # a create, and ``first`` holds the record: take the next node's copy back
+            second.call(lambda w: w.meta_delete(key, next_cas))
+            return None
+        return first, Version(first.name, mine, next_cas), True
 
     def _commit_relocated(
         self, primary: _Node, backup: _Node, key: bytes, data: bytes, exptime: int, expect: int
-    ) -> tuple[_Node, int, bool] | None:
+    ) -> tuple[_Node, Version, bool] | None:
         """Save a record read from the backup copy: CAS there, then ``add`` on the primary."""
         backup_cas = self._put(backup, key, data, exptime, _BACKUP, b"S", expect)
         if backup_cas is None:
@@ -617,7 +1027,7 @@ class MemcachedStore:
         if cas is None:  # someone saved the primary meanwhile: take our backup copy back
             backup.call(lambda w: w.meta_delete(key, backup_cas))
             return None
-        return primary, cas, True
+        return primary, Version(primary.name, cas), True
 
     def _write_backup(self, key: bytes, primary: _Node, data: bytes, exptime: int) -> None:
         """Set the backup copy on the next live node after ``primary``, if there is one."""
@@ -633,11 +1043,34 @@ class MemcachedStore:
     ) -> int | None:
         return node.call(lambda w: w.meta_set(key, data, exptime, flags, mode, cas))
 
+    def _write(
+        self, node: _Node, key: bytes, data: bytes, exptime: int, flags: int, mode: bytes, expect: Any,
+        cas: int | None = None,
+    ) -> int | None:
+        """``_put`` of a record; with ``expect`` ``_OVER_GONE`` a create (``add``) also takes the
+        place of a gone copy (CAS-checked)."""
+        new = self._put(node, key, data, exptime, flags, mode, cas)
+        if new is not None or mode != b"E" or expect is not _OVER_GONE:
+            return new
+        there = node.call(lambda w: w.meta_head(key))
+        if there is None or there.flags != _GONE:
+            return None
+        return self._put(node, key, data, exptime, flags, b"S", there.cas)
+
     def touch(self, key: str, ttl: int | None) -> bool:
         """Slide the expiry of both copies (of the one copy with ``copies=1``); False if none exists."""
         wire, exptime = _wire_key(key), _exptime(ttl)
+        self._suspects.note(exptime)
         touch = lambda w: w.touch(wire, exptime, noreply=False)  # noqa: E731
-        return self._run(wire, lambda nodes: self._on_each(nodes[: self._copies], touch))
+        return self._run(wire, lambda nodes: self._on_each(nodes[: self._touched(nodes, exptime)], touch))
+
+    def _touched(self, nodes: list[_Node], exptime: int) -> int:
+        """How many of ``nodes`` a touch slides: both while the first is suspect (the next may hold
+        the newer copy), else one per copy kept."""
+        if not self._compares(nodes):
+            return self._copies
+        self._cover(nodes[0], exptime)
+        return 2
 
     def single_copy(self) -> "MemcachedStore":
         """This store, sharing its connections, keeping one copy per key.
@@ -654,22 +1087,40 @@ class MemcachedStore:
         """Remove the key from the first three live nodes (conditionally on its version)."""
         wire = _wire_key(key)
         if expect is ANY:
-            return self._run(wire, lambda nodes: self._purge(nodes, wire))
+            return self._run(wire, lambda nodes: self._remove(nodes, wire))
         if not isinstance(expect, Version):
             return False
         return self._run(wire, lambda nodes: self._delete_version(nodes, wire, expect))
 
-    def _purge(self, nodes: list[_Node], key: bytes) -> bool:
-        """Delete from ``nodes`` in reverse order, so the primary copy goes last."""
-        return self._on_each(reversed(nodes), lambda w: w.delete(key, noreply=False))
+    def _remove(self, nodes: list[_Node], key: bytes, done: _Node | None = None) -> bool:
+        """Delete from ``nodes`` (but ``done``, deleted already) in reverse order, so the first copy
+        goes last; whether one held the record. Around dead nodes, a gone copy takes the place of
+        the first copy instead (see "Partitions")."""
+        delete = lambda w: w.delete(key, noreply=False)  # noqa: E731
+        around = self._skipped(key, nodes[0])
+        if not around:
+            rest = [node for node in reversed(nodes) if node is not done]
+            return bool(rest) and self._on_each(rest, delete)
+        there = nodes[0].call(lambda w: w.meta_head(key))
+        exptime = self._gone_exptime(there)
+        for node in around:
+            self._fenced(node, exptime)
+        rest = [node for node in reversed(nodes[1:]) if node is not done]
+        existed = bool(rest) and self._on_each(rest, delete)
+        self._put(nodes[0], key, b"", exptime, _GONE, b"S")
+        return existed or (there is not None and there.flags != _GONE)
+
+    def _gone_exptime(self, there: _Item | None) -> int:
+        """Expiry of a gone copy: it must outlive the copies left on the nodes it went around,
+        which lived at most as long as the longest TTL this process used, or ``there`` has."""
+        lifetime = self._suspects.longest(None if there is None else there.ttl)
+        return 0 if lifetime is None else _exptime(lifetime + _COVER_MARGIN)
 
     def _delete_version(self, nodes: list[_Node], key: bytes, expect: Version) -> bool:
         owner = next((n for n in nodes[:2] if n.name == expect.node), None)
         if owner is None or not owner.call(lambda w: w.meta_delete(key, expect.cas)):
             return False
-        others = [n for n in nodes if n is not owner]
-        if others:
-            self._purge(others, key)
+        self._remove(nodes, key, done=owner)
         return True
 
     def close(self) -> None:
@@ -749,11 +1200,18 @@ class MemcachedStore:
         return [k for k in self._live_entries(record.data) if self._exists(k)]
 
     def _exists(self, key: str) -> bool:
-        """Whether the primary or backup node holds ``key`` (meta get, no value sent back)."""
+        """Whether the primary or backup node holds ``key`` (meta get, no value sent back; while
+        the primary node is suspect, the copies are read and compared)."""
         wire = _wire_key(key)
 
+        def held(node: _Node) -> bool:
+            there = node.call(lambda w: w.meta_head(wire))
+            return there is not None and there.flags != _GONE
+
         def probe(nodes: list[_Node]) -> bool:
-            return any(node.call(lambda w: w.raw_command(b"mg " + wire) == b"HD") for node in nodes[:2])
+            if self._compares(nodes):
+                return self._read_compared(nodes[0], nodes[1], wire, None) is not None
+            return any(held(node) for node in nodes[:2])
 
         return self._run(wire, probe)
 
@@ -958,3 +1416,46 @@ def _expiry(value: object, name: str, part: str = "index record") -> float | Non
 def _write_reverse(expiry: float | None, names: set[str]) -> bytes:
     return json.dumps({"e": None if expiry is None else round(expiry, 3), "x": sorted(names)},
                       separators=(",", ":")).encode()
+
+
+# -- the record of suspect nodes --------------------------------------------------
+
+
+def _read_suspects(data: bytes | None) -> dict[str, float | None]:
+    """The ring's record of suspect nodes: ``{node name: window end or None (for ever)}``."""
+    if not data:
+        return {}
+    try:
+        raw = json.loads(data)
+        return {str(k): (None if v is None else float(v)) for k, v in raw.items()}
+    except (ValueError, AttributeError, TypeError):
+        log.warning("memcached: unreadable record of suspect nodes ignored")
+        return {}
+
+
+def _write_suspects(windows: dict[str, float | None]) -> bytes:
+    return json.dumps({k: (None if v is None else round(v, 3)) for k, v in sorted(windows.items())},
+                      separators=(",", ":")).encode()
+
+
+def _merge_windows(old: dict[str, float | None], new: dict[str, float | None],
+                   now: float) -> dict[str, float | None]:
+    """``old`` and ``new`` together, the later window of each node, without the ones over at ``now``."""
+    merged = {name: _later(old[name], until) if name in old else until for name, until in new.items()}
+    merged = {**old, **merged}
+    return {name: until for name, until in merged.items() if until is None or until > now}
+
+
+def _longest(windows: Iterable[float | None], now: float) -> float | None:
+    """Seconds from ``now`` until the last of ``windows`` ends (None: one never does)."""
+    last = _last(windows)
+    return None if last is None else max(1.0, last - now)
+
+
+def _lifetime(exptime: int) -> float | None:
+    """Seconds an item given memcached ``exptime`` lives at most (None: for ever)."""
+    if exptime == 0:
+        return None
+    if exptime < 0:
+        return 0.0
+    return exptime - time.time() if exptime > _MAX_RELATIVE_TTL else float(exptime)

@@ -38,6 +38,7 @@ def _real_store(request: pytest.FixtureRequest, kind: str) -> RealStore:
         cluster = request.getfixturevalue("redis_cluster")
         return RealStore(kind, cluster.url, cluster.ports, redis_command_count)
     ring = request.getfixturevalue("memcached_cluster")
+    request.getfixturevalue("steady_polls")  # counted request by request: the suspect nodes are polled once
     return RealStore(kind, ring.url(), [s.port for s in ring.servers], memcached_command_count)
 
 

@@ -359,7 +359,7 @@ def test_lock_shares_the_round_trips_of_load_and_save_on_redis(kind, request):
     mw.manager.close()
 
 
-def test_lock_costs_on_memcached(memcached_cluster):
+def test_lock_costs_on_memcached(memcached_cluster, steady_polls):
     """memcached cannot run scripts: lock = add + gats, unlock = gets + md (documented in the store)."""
     store = RealStore("memcached", memcached_cluster.url(), [s.port for s in memcached_cluster.servers],
                       memcached_command_count)

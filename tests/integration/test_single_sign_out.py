@@ -318,7 +318,11 @@ def test_costs_on_redis(redis_server, make_nodes):
 
 @pytest.mark.parametrize("kind", ["memcached", "sqlite"])
 def test_polling_costs_a_few_commands_per_second_per_node(kind, memcached_cluster, tmp_path, make_nodes):
-    """Idle sticky nodes poll the feed: one command per poll (every 0.25 s), nothing per request."""
+    """Idle sticky nodes poll the feed: one command per poll (every 0.25 s), nothing per request.
+
+    On memcached a process also reads the ring's record of suspect nodes, two ``get`` once a
+    second (``suspect_poll``) while it uses the store: the feed's polls keep it doing that.
+    """
     if kind == "memcached":
         url = memcached_cluster.url()
         ports = [s.port for s in memcached_cluster.servers]
@@ -340,7 +344,8 @@ def test_polling_costs_a_few_commands_per_second_per_node(kind, memcached_cluste
     time.sleep(2.0)
     per_node_per_second = (count() - before) / (time.monotonic() - started) / 2
     print(f"\n{kind}: {per_node_per_second:.2f} feed commands per second per idle node")
-    assert 2.0 <= per_node_per_second <= 5.0
+    suspects_poll = 2.0 if kind == "memcached" else 0.0
+    assert 2.0 + suspects_poll <= per_node_per_second <= 5.0 + suspects_poll
 
 
 # -- nodes as separate processes ------------------------------------------------------------------

@@ -77,6 +77,7 @@ def shared_store(request) -> SharedStore:
     """The session-wide Redis (``redis``) or memcached ring (``memcached``), by parameter."""
     if request.param == "redis":
         return _redis_store(request.getfixturevalue("redis_server"))
+    request.getfixturevalue("steady_polls")  # counted request by request: the suspect nodes are polled once
     return _memcached_store(request.getfixturevalue("memcached_cluster"))
 
 

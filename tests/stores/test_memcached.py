@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import signal
 import socket
 import statistics
 import threading
@@ -19,6 +23,7 @@ from tests.servers.memcached_fixtures import (
     memcached_command_count,
     memcached_items,
     memcached_peek,
+    settled,
 )
 from tests.servers.process import free_port
 
@@ -90,8 +95,8 @@ def cluster(memcached_cluster) -> MemcachedCluster:
 
 
 @pytest.fixture
-def store(cluster):
-    store = MemcachedStore.from_url(cluster.url())
+def store(cluster, steady_polls):
+    store = settled(MemcachedStore.from_url(cluster.url()))
     yield store
     store.close()
 
@@ -117,10 +122,11 @@ class TestMemcachedContract(LockingContract, IndexContract, FeedContract):
 def test_from_url_reads_nodes_and_options():
     store = MemcachedStore.from_url(
         "memcached://10.0.0.1:11211,cache-b,[::1]:11300?failover=10.0.0.9:11211"
-        "&timeout=0.25&connect_timeout=0.1&retry_after=2&pool_size=4"
+        "&timeout=0.25&connect_timeout=0.1&retry_after=2&pool_size=4&suspect_poll=0.5"
     )
     assert [n.name for n in store._nodes] == ["10.0.0.1:11211", "cache-b:11211", "[::1]:11300", "10.0.0.9:11211"]
     assert store._retry_after == 2.0
+    assert (store._suspects.poll, store._suspects.fence) == (0.5, 2 * 0.5 + 0.1 + 0.25)
 
 
 @pytest.mark.parametrize(
@@ -140,6 +146,7 @@ def test_from_url_reads_nodes_and_options():
         "memcached://h:1?retry_after=-1",
         "memcached://h:1?pool_size=0",
         "memcached://h:1?pool_size=1.5",
+        "memcached://h:1?suspect_poll=0",
         "memcached://h:1?bogus=1",
         "memcached://h:1?timeout=1&timeout=2",
     ],
@@ -357,9 +364,9 @@ def test_killing_a_node_mid_run_relocates_its_sessions(memcached_fault_cluster):
     store.close()
 
 
-def test_primary_restarted_empty_is_refilled_from_the_backup(memcached_fault_cluster):
+def test_primary_restarted_empty_is_refilled_from_the_backup(memcached_fault_cluster, steady_polls):
     cluster = memcached_fault_cluster
-    store = MemcachedStore.from_url(cluster.url())
+    store = settled(MemcachedStore.from_url(cluster.url()))
     keys = [new_key() for _ in range(60)]
     for key in keys:
         store.save(key, b"v1", 600)
@@ -413,10 +420,10 @@ def test_relocated_save_races_and_stale_versions(memcached_fault_cluster):
     store.close()
 
 
-def test_dead_node_is_retried_after_retry_after(memcached_fault_cluster):
+def test_dead_node_is_retried_after_retry_after(memcached_fault_cluster, steady_polls):
     cluster = memcached_fault_cluster
     clock = FakeClock()
-    store = MemcachedStore.from_url(cluster.url(retry_after=5), clock=clock)
+    store = settled(MemcachedStore.from_url(cluster.url(retry_after=5), clock=clock))
     node = cluster.ring[2]
     key = saved_with_primary_on(store, cluster, node.port)
     node.kill()
@@ -574,3 +581,175 @@ def test_a_node_restarted_while_in_use_rejoins_only_after_rejoin_after(memcached
         store.save(key, b"v3", 600, expect=current.version)
     assert holders(cluster, key)[cluster.ring[0].port] == PRIMARY  # back in the ring
     store.close()
+
+
+# -- partitions: suspect nodes ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def unreachable(server):
+    """``server`` frozen (SIGSTOP): requests to it time out, and it keeps its data, as in a
+    partition. It answers again (SIGCONT) when the block ends."""
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        wait_stopped(server.pid)
+        yield
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        time.sleep(0.2)  # it runs the commands that timed out meanwhile (they count)
+
+
+def wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Until every thread of ``pid`` is stopped (a thread busy on another core stops a moment later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                states.append(stat.read().rpartition(")")[2].split()[0])
+        if all(state in ("T", "t") for state in states):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"process {pid} did not stop: thread states {states}")
+        time.sleep(0.01)
+
+
+def poll_due(store: MemcachedStore) -> MemcachedStore:
+    """Make ``store`` read the ring's record of suspect nodes at its next operation."""
+    store._suspects._polled = -math.inf
+    return store
+
+
+def counted(cluster: MemcachedCluster, call):
+    """``(commands the servers executed, result)`` of ``call()``, checked against count_ops."""
+    counter, token = open_counter()
+    before = commands(cluster)
+    try:
+        result = call()
+    finally:
+        close_counter(token)
+    spent = commands(cluster) - before
+    assert counter.n == spent, "count_ops must match what the servers executed"
+    return spent, result
+
+
+def partitioned_write(cluster: MemcachedCluster, clock: FakeClock) -> tuple[MemcachedStore, MemcachedStore, str]:
+    """A writer that saw ring node 0 fail and wrote its session ``v2`` around it, and a reader
+    that never saw it fail and read ``v1`` before; node 0 still holds ``v1``."""
+    writer = MemcachedStore.from_url(cluster.url(), clock=clock)
+    reader = settled(MemcachedStore.from_url(cluster.url(), clock=clock))
+    key = saved_with_primary_on(writer, cluster, cluster.ring[0].port)
+    assert reader.load(key).data == b"v1"
+    with unreachable(cluster.ring[0]):
+        record = writer.load(key)  # times out: node 0 is marked dead, and suspect on the other nodes
+        assert record.relocated and record.data == b"v1"
+        started = time.monotonic()
+        assert writer.save(key, b"v2", 600, expect=record.version).ok
+        waited = time.monotonic() - started
+    assert waited >= writer._suspects.fence - 1.0  # the fence: the first write around it waited
+    assert memcached_peek(cluster.ring[0].port, key) == (b"v1", PRIMARY)  # kept its older copy
+    return writer, reader, key
+
+
+def test_a_healed_node_is_compared_by_a_client_that_never_saw_it_fail(memcached_fault_cluster, steady_polls):
+    """The reader learns of the suspicion from the ring (one poll: 2 gets), then reads the node's
+    keys through the next node's copy: 2 commands, 3 with the repair; saves cost 2."""
+    cluster, clock = memcached_fault_cluster, FakeClock()
+    writer, reader, key = partitioned_write(cluster, clock)
+    elsewhere = saved_with_primary_on(reader, cluster, cluster.ring[1].port)  # (the writer skips node 0)
+    stale = reader.load(key)  # not polled again yet (steady_polls): the old copy, as before this change
+    assert stale.data == b"v1" and reader.suspects() == []
+
+    assert counted(cluster, lambda: poll_due(reader).load(elsewhere))[0] == 2 + 1  # the poll + gets
+    assert reader.suspects() == [f"127.0.0.1:{cluster.ring[0].port}"] == writer.suspects()
+    spent, refused = counted(cluster, lambda: reader.save(key, b"stale", 600, expect=stale.version))
+    assert not refused.ok and refused.current.data == b"v2"  # read before it knew: reread, compared
+    assert spent == 3  # gets + mg (the next node's copy wins) + the repair
+    assert memcached_peek(cluster.ring[0].port, key) == (b"v2", PRIMARY)  # repaired
+    spent, record = counted(cluster, lambda: reader.load_and_touch(key, 600))
+    assert spent == 2 and record.data == b"v2" and not record.relocated
+    spent, result = counted(cluster, lambda: reader.save(key, b"v3", 600, expect=record.version))
+    assert spent == 2 and result.ok  # the next node's copy (checked), then node 0's
+    assert counted(cluster, lambda: reader.single_copy().save(key, b"v4", 600, expect=result.version))[0] == 2
+    assert counted(cluster, lambda: reader.touch(key, 600))[0] == 2
+    assert counted(cluster, lambda: reader.load(elsewhere))[0] == 1  # its primary is not suspect
+
+    clock.now += 3600  # past every window: node 0 is trusted again
+    assert reader.suspects() == []
+    spent, record = counted(cluster, lambda: reader.load(key))
+    assert spent == 1 and record.data == b"v4"
+    writer.close()
+    reader.close()
+
+
+def test_writers_that_disagree_on_a_healed_node_lose_no_update(memcached_fault_cluster, steady_polls):
+    """The writer still skips node 0 (its retry is not due), the reader uses it again: both
+    increment the same session in parallel, and each acknowledged increment is kept."""
+    cluster, clock = memcached_fault_cluster, FakeClock()
+    writer, reader, key = partitioned_write(cluster, clock)
+    for store in (writer, reader):
+        store.save(key, b"0", 600)
+    poll_due(reader)
+    acked = []
+
+    def increment(store: MemcachedStore) -> None:
+        for _ in range(60):
+            while True:
+                record = store.load_and_touch(key, 600)
+                if store.save(key, b"%d" % (int(record.data) + 1), 600, expect=record.version).ok:
+                    acked.append(store)
+                    break
+
+    threads = [threading.Thread(target=increment, args=(store,)) for store in (writer, reader)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert writer.suspects() == reader.suspects() == [f"127.0.0.1:{cluster.ring[0].port}"]
+    assert len(acked) == 120 and reader.load(key).data == b"120" and writer.load(key).data == b"120"
+    writer.close()
+    reader.close()
+
+
+def test_a_version_read_around_a_node_is_checked_where_it_was_read_when_the_node_is_back(
+        memcached_fault_cluster, steady_polls):
+    """A writer read the next node's copy while it skipped node 0; when node 0 answers again
+    (suspect, holding an older copy) the save is checked on the copy read, and node 0 follows:
+    not an ``add`` there, whose failure would take the newer copy back and leave the older one."""
+    cluster, clock = memcached_fault_cluster, FakeClock()
+    writer, reader, key = partitioned_write(cluster, clock)
+    record = writer.load(key)  # still around node 0
+    assert record.data == b"v2" and record.version.node != f"127.0.0.1:{cluster.ring[0].port}"
+    clock.now += 5  # the writer's retry is due: node 0 is back in its ring, suspect
+    spent, result = counted(cluster, lambda: writer.save(key, b"v3", 600, expect=record.version))
+    assert result.ok and spent == 2
+    assert memcached_peek(cluster.ring[0].port, key) == (b"v3", PRIMARY)
+    assert writer.load(key).data == b"v3" == poll_due(reader).load(key).data
+    writer.close()
+    reader.close()
+
+
+def test_a_session_deleted_around_a_frozen_node_stays_deleted_when_it_answers_again(
+        memcached_fault_cluster, steady_polls):
+    """The deletion leaves a gone copy on the next node, which wins over the copy left behind."""
+    cluster, clock = memcached_fault_cluster, FakeClock()
+    writer = MemcachedStore.from_url(cluster.url(), clock=clock)
+    reader = settled(MemcachedStore.from_url(cluster.url(), clock=clock))
+    node = cluster.ring[0]
+    key, other = (saved_with_primary_on(writer, cluster, node.port) for _ in range(2))
+    with unreachable(node):
+        record = writer.load(key)  # times out: node 0 is marked dead, and suspect on the other nodes
+        assert writer.delete(key)  # around node 0 (after the fence)
+        assert writer.delete(other, expect=writer.load(other).version)
+    assert memcached_peek(node.port, key) == (b"v1", PRIMARY)  # the copies left behind
+    assert memcached_peek(node.port, other) == (b"v1", PRIMARY)
+    poll_due(reader)
+    assert not reader._exists(key)
+    assert reader.load(key) is None and reader.load_and_touch(other, 600) is None
+    assert memcached_peek(node.port, key) is None and memcached_peek(node.port, other) is None
+    assert writer.load(key) is None  # the writer still skips node 0: the gone copy reads as nothing
+    assert not reader.save(key, b"stale", 600, expect=record.version).ok  # no resurrection
+    assert reader.save(key, b"again", 600, expect=None).ok  # a create takes the gone copy's place
+    assert reader.load(key).data == b"again" == writer.load(key).data
+    writer.close()
+    reader.close()
