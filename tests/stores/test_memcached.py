@@ -556,7 +556,8 @@ def test_feed_reports_a_lost_sequence(store, cluster):
     store.feed_publish(channel, b"one")
     cursor = store.feed_read(channel, cursor).cursor
     for server in cluster.servers:  # the sequence's node restarted empty (here: the key is gone)
-        Client(("127.0.0.1", server.port)).delete(f"{channel}:seq")
+        Client(("127.0.0.1", server.port)).delete(f"{channel}:seq", noreply=False)  # gone before we go on
+    time.sleep(0.002)  # a sequence made again is told apart by its creation millisecond
     store.feed_publish(channel, b"after the reset")
     batch = store.feed_read(channel, cursor)
     assert batch.lost and batch.messages == [b"after the reset"]
