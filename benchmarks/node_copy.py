@@ -79,6 +79,7 @@ sys.path.insert(0, str(HERE))
 import lmdb  # noqa: E402
 
 from peers import (  # noqa: E402
+    _Options,
     WRK_SCRIPT,
     Gunicorn,
     Throughput,
@@ -1246,24 +1247,6 @@ def print_memory(rows: list[dict], args: argparse.Namespace, command: str, mets:
 
 
 # -- main ----------------------------------------------------------------------------------------------------------
-
-
-class _Options:
-    """Options with a full and a ``--quick`` default; a value given on the command line wins over both."""
-
-    def __init__(self, parser: argparse.ArgumentParser) -> None:
-        self.parser = parser
-        self.defaults: dict[str, tuple[Any, Any]] = {}
-
-    def __call__(self, flag: str, kind: type, full: Any, quick: Any, help_text: str) -> None:
-        dest = flag.lstrip("-").replace("-", "_")
-        self.defaults[dest] = (full, quick)
-        self.parser.add_argument(flag, type=kind, default=None, help=f"{help_text} (default {full}, quick {quick})")
-
-    def resolve(self, args: argparse.Namespace) -> None:
-        for dest, (full, quick) in self.defaults.items():
-            if getattr(args, dest) is None:
-                setattr(args, dest, quick if args.quick else full)
 
 
 def main(argv: list[str] | None = None) -> int:
