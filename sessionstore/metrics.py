@@ -27,7 +27,7 @@ __all__ = ["Metrics", "TimedStore", "prometheus_text"]
 #: Store methods whose latency is recorded.
 TIMED_OPS = (
     "load", "load_and_touch", "save", "touch", "delete", "lock", "renew", "unlock",
-    "save_and_unlock", "fetch", "load_backup", "keep_alive",
+    "save_and_unlock", "fetch", "load_backup",
     "index_add", "index_find", "index_drop", "feed_publish", "feed_read",
 )
 

@@ -224,12 +224,6 @@ class StickyStore:
         self.backup.ledger.backed(key, result.version, _backup_ttl(ttl))  # type: ignore[union-attr]
         return Record(stored.data, result.version, stored.relocated), "store"
 
-    def keep_alive(self, key: str, ttl: int | None) -> None:
-        """A request uses the session without loading it again: slide the node copy's expiry."""
-        record = self.local.load_and_touch(key, ttl)
-        if record is not None:
-            self._refresh_backup(key, ttl, record)
-
     @contextmanager
     def taking_over(self, key: str) -> Iterator[str | None]:
         """Hold this node's turn to take over another node's session ``key`` (one worker at a time).
