@@ -276,10 +276,10 @@ class LocalStore:
                 self._drop(txn, key, entry)
             version = self._next_version(txn)
             self._put(txn, key, _Entry(data, version, _expires(ttl, now), _stamp(now)))
-            self._recent.put(key, version, data)
             self._sweep(txn, now)
             if not is_companion(key):
                 self._evict(txn)
+        self._recent.put(key, version, data)  # committed: a failed commit gives its version out again
         return SaveResult(True, version=version)
 
     def _retouch(self, key: str, ttl: int | None, version: Any, force: bool = False) -> bool:
