@@ -80,6 +80,7 @@ import lmdb  # noqa: E402
 
 from peers import (  # noqa: E402
     _Options,
+    print_targets,
     WRK_SCRIPT,
     Gunicorn,
     Throughput,
@@ -1346,17 +1347,7 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.flush()
     finally:
         dirs.remove()
-    elapsed = time.monotonic() - started
-    print(f"\n=== Targets ({elapsed:.0f} s; load average {_load()} at the end) ===")
-    for line in mets:
-        print(f"MET     {line}")
-    for line in misses:
-        print(f"MISSED  {line}")
-    if not misses:
-        print("all targets met")
-    report["met"], report["missed"] = mets, misses
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=str))
+    print_targets(time.monotonic() - started, mets, misses, report, args.json)
     return 0
 
 

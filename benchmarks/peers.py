@@ -1061,7 +1061,12 @@ def main(argv: list[str] | None = None) -> int:
             report["sticky_cache"] = [vars(c) for c in cache]
             report["redis_memory"] = [vars(m) for m in rmem]
 
-    elapsed = time.monotonic() - started
+    print_targets(time.monotonic() - started, mets, misses, report, args.json)
+    return 0
+
+
+def print_targets(elapsed: float, mets: list[str], misses: list[str], report: dict, json_path: Any) -> None:
+    """The closing MET / MISSED lines (also node_copy.py's), and the JSON report if asked for."""
     load = os.getloadavg()
     print(f"\n=== Targets ({elapsed:.0f} s; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end) ===")
     for line in mets:
@@ -1071,9 +1076,8 @@ def main(argv: list[str] | None = None) -> int:
     if not misses:
         print("all targets met")
     report["met"], report["missed"] = mets, misses
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=str))
-    return 0
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2, default=str))
 
 
 if __name__ == "__main__":
